@@ -1,0 +1,1 @@
+"""The `embedstore` command-line interface (installed as package ``embedstore_cli``)."""

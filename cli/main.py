@@ -1,0 +1,190 @@
+"""The ``embedstore`` command: a thin layer over the library's public functions."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+import embedstore
+from embedstore.backbones import BackboneError
+from embedstore.data import CollectionError
+from embedstore.store import StoreError
+
+KNOWN_ERRORS = (StoreError, BackboneError, CollectionError, FileNotFoundError, ValueError, RuntimeError)
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn the library's errors into one clear line and exit status 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KNOWN_ERRORS as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(embedstore.__version__, prog_name="embedstore")
+def main() -> None:
+    """Embed image collections once with frozen pretrained backbones; reuse the vectors.
+
+    \b
+    Typical session:
+      embedstore demo                                  # built-in example, offline
+      embedstore embed photos/ --store photos.h5       # folder -> HDF5 store
+      embedstore info photos.h5                        # what is in it
+      embedstore backbones                             # models you can use
+    """
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def backbones(as_json: bool) -> None:
+    """List backbones that work offline here, and how to name any other model.
+
+    \b
+    Besides these names, --backbone takes:
+      any timm model name        e.g. resnet50, convnext_tiny, vit_small_patch16_224
+                                 (pretrained weights from timm's cache or hub when reachable)
+      torchvision:<name>         e.g. torchvision:resnet18
+      with --weights FILE        a local .pth/.safetensors state dict for that architecture
+      with --weights random      a seeded untrained network (for tests and baselines)
+    """
+    rows = embedstore.list_backbones()
+    if as_json:
+        emit_json(rows)
+        return
+    click.echo(_table(
+        [[r["name"], r["dim"], r["input_size"], "yes" if r["offline"] else "no", r["weights"]] for r in rows],
+        ["name", "dim", "input", "offline", "weights"],
+    ))
+    click.echo("\nAlso: any timm name (timm.list_models()), torchvision:<name>, --weights FILE|random.")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--store", "store", required=True, type=click.Path(dir_okay=False), help="HDF5 store to create or extend.")
+@click.option("--backbone", default=embedstore.DEFAULT_BACKBONE, show_default=True,
+              help="Registry name, timm name or torchvision:<name>.")
+@click.option("--weights", default=None, help="Local checkpoint (.pth/.safetensors) or 'random'. Default: pretrained.")
+@click.option("--space", default=None, help="Name of the embedding space. Default: derived from backbone and weights.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", default="auto", show_default=True,
+              type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="auto: bf16 on AMX/AVX512-BF16 CPUs, fp16/bf16 on GPU.")
+@click.option("--workers", default=None, type=click.IntRange(0), help="Decode worker processes. Default: from device and cores.")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
+              help="Stored vector type.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def embed(path: str, store: str, backbone: str, weights: str | None, space: str | None, batch_size: int,
+          device: str, precision: str, workers: int | None, dtype: str, as_json: bool, quiet: bool) -> None:
+    """Embed the images under PATH (a folder or a CSV list) into an HDF5 store.
+
+    \b
+    PATH layouts:
+      folder/<class>/img.jpg                 labels from the folder names
+      folder/<train|val|test>/<class>/img    labels and splits
+      list.csv                               path[,label[,split]] per row
+    Re-running embeds only new or changed files. A killed run resumes where it stopped.
+    Unreadable files are recorded as failures (see `embedstore info`) and the run goes on.
+    """
+    summary = embedstore.embed(path, store, backbone=backbone, weights=weights, space=space,
+                               batch_size=batch_size, device=device, precision=precision,
+                               workers=workers, dtype=dtype, progress=not quiet)
+    if as_json:
+        emit_json(summary)
+        return
+    click.echo(
+        f"{summary['store']}: space {summary['space']} ({summary['device']}, {summary['precision']}): "
+        f"{summary['embedded']} embedded, {summary['skipped']} skipped, {summary['failed']} failed "
+        f"of {summary['images']} images in {summary['seconds']:.1f}s ({summary['images_per_s']:.1f} images/s)"
+    )
+    if summary["failed"]:
+        click.echo(f"see the failures with: embedstore info {store} --failures")
+
+
+@main.command()
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--failures", "show_failures", is_flag=True, help="List every recorded failure.")
+@friendly_errors
+def info(store: str, as_json: bool, show_failures: bool) -> None:
+    """Describe a store: images, labels, splits, embedding spaces and failures."""
+    st = embedstore.open_store(store)
+    summary = st.summary()
+    if as_json:
+        if show_failures:
+            summary["failure_list"] = st.failures
+        emit_json(summary)
+        return
+    click.echo(f"{store}: {summary['images']} images, {summary['failures']} failures (root {summary['root']})")
+    if summary["journal_parts"]:
+        click.echo(f"  {summary['journal_parts']} journal part(s) not yet folded in (a run is going or was killed)")
+    if summary["labels"]:
+        click.echo("  labels: " + ", ".join(f"{k} ({v})" for k, v in summary["labels"].items()))
+    if summary["splits"]:
+        click.echo("  splits: " + ", ".join(f"{k} ({v})" for k, v in summary["splits"].items()))
+    if summary["spaces"]:
+        click.echo(_table([[s["name"], s["backbone"], s["dim"], s["rows"], s["dtype"]] for s in summary["spaces"]],
+                          ["space", "backbone", "dim", "rows", "dtype"]))
+    if show_failures:
+        for f in st.failures:
+            click.echo(f"  FAILED {f['path']}: {f['error']}: {f['message']}")
+
+
+@main.command()
+@click.option("--dir", "folder", default="embedstore-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where to write the example images and store.")
+@click.option("--backbone", default=embedstore.DEFAULT_BACKBONE, show_default=True)
+@click.option("--per-class", default=100, show_default=True, type=click.IntRange(5), help="Digits per class.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@friendly_errors
+def demo(folder: str, backbone: str, per_class: int, as_json: bool) -> None:
+    """Run the main job on a built-in example that needs no download.
+
+    Renders scikit-learn's handwritten digits to PNG files (train/val splits), embeds them into
+    an HDF5 store with the default offline backbone, trains a linear probe on the cached
+    vectors, and labels scikit-learn's two sample photos with the backbone's ImageNet head.
+    """
+    from embedstore import demo as d
+
+    images = d.write_digits(os.path.join(folder, "digits"), per_class=per_class)
+    store = os.path.join(folder, "digits.h5")
+    summary = embedstore.embed(images, store, backbone=backbone, progress=not as_json)
+    probe = d.linear_probe(store)
+    photos = d.imagenet_top(d.write_sample_photos(os.path.join(folder, "photos")), backbone)
+    if as_json:
+        emit_json({"embed": summary, "linear_probe": probe, "photos": photos})
+        return
+    click.echo(f"embedded {summary['embedded']} new images ({summary['skipped']} already in the store) "
+               f"into {store} in {summary['seconds']:.1f}s")
+    click.echo(f"linear probe on cached vectors: {probe['val_accuracy']:.1%} val accuracy "
+               f"({probe['train']} train / {probe['val']} val digits)")
+    for p in photos:
+        click.echo(f"{p['image']}: " + ", ".join(f"{t['label']} ({t['p']:.2f})" for t in p["top"]))
+    click.echo(f"\nnext: embedstore info {store}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

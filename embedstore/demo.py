@@ -1,0 +1,93 @@
+"""A built-in real example that needs no download: scikit-learn's digits and sample photos."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+def write_digits(folder: str | os.PathLike, per_class: int = 100, size: int = 64, seed: int = 0) -> Path:
+    """Render scikit-learn's 8x8 handwritten digits as PNG files in ``train/`` and ``val/`` folders.
+
+    80% of each class goes to train, 20% to val. Existing files are left as they are.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    root = Path(folder)
+    for label in range(10):
+        idx = np.flatnonzero(digits.target == label)
+        idx = rng.permutation(idx)[:per_class]
+        n_train = int(round(len(idx) * 0.8))
+        for k, i in enumerate(idx):
+            split = "train" if k < n_train else "val"
+            out = root / split / str(label) / f"digit_{i:04d}.png"
+            if out.exists():
+                continue
+            out.parent.mkdir(parents=True, exist_ok=True)
+            pixels = (255 - digits.images[i] * 255 / 16).astype(np.uint8)  # dark ink on white paper
+            Image.fromarray(pixels, "L").resize((size, size), Image.Resampling.BICUBIC).save(out)
+    return root
+
+
+def write_sample_photos(folder: str | os.PathLike) -> list[Path]:
+    """Save the two photos that scikit-learn ships (china.jpg, flower.jpg) as JPEG files."""
+    from sklearn.datasets import load_sample_image
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in ("china.jpg", "flower.jpg"):
+        out = root / name
+        if not out.exists():
+            Image.fromarray(load_sample_image(name)).save(out, quality=95)
+        paths.append(out)
+    return paths
+
+
+def imagenet_top(paths: list[Path], backbone: str, k: int = 3) -> list[dict[str, Any]]:
+    """Label photos with the backbone's own ImageNet classifier (shows the weights are real)."""
+    import torch
+    from timm.data import ImageNetInfo
+
+    from .backbones import load_backbone
+    from .data import ImageItem
+    from .embedding import Embedder, embed_items
+
+    embedder = Embedder(load_backbone(backbone, classifier=True), device="auto")
+    logits, _ = embed_items([ImageItem(str(p), p.name) for p in paths], embedder, workers=0)
+    info = ImageNetInfo()
+    probs = torch.from_numpy(logits).softmax(-1)
+    top = probs.topk(k)
+    return [
+        {
+            "image": p.name,
+            "top": [
+                {"label": info.index_to_description(int(i)), "p": round(float(v), 3)}
+                for v, i in zip(top.values[n], top.indices[n])
+            ],
+        }
+        for n, p in enumerate(paths)
+    ]
+
+
+def linear_probe(store_path: str | os.PathLike, space: str | None = None) -> dict[str, Any]:
+    """Train a logistic regression on the train split's vectors; report val accuracy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from .store import open_store
+
+    sp = open_store(store_path).space(space)
+    X = sp.vectors.astype(np.float32)
+    train, val = sp.splits == "train", sp.splits == "val"
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1))
+    clf.fit(X[train], sp.labels[train])
+    acc = accuracy_score(sp.labels[val], clf.predict(X[val]))
+    return {"space": sp.name, "train": int(train.sum()), "val": int(val.sum()), "val_accuracy": round(float(acc), 4)}

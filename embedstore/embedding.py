@@ -1,0 +1,117 @@
+"""The mapper stage: a frozen backbone turns uint8 image batches into feature vectors.
+
+Normalisation runs on the device (the reader ships uint8, a quarter of float32's bytes), the
+network runs channels-last under autocast (bf16 on CPUs with AMX/AVX512-BF16, fp16 on GPUs),
+and decoding overlaps with inference through DataLoader worker processes.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .backbones import Backbone
+from .data import ImageItem, ImageReader, ReadResult, collate, draft_size
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True when the CPU runs bf16 matrix work natively (AMX or AVX512-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def default_workers(device: torch.device) -> int:
+    """Decode workers: on a GPU, every core; on a CPU, leave most cores to the model."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        return max(1, min(cores - 1, 16))
+    return max(1, cores // 4) if cores > 2 else 1
+
+
+class Embedder:
+    """Runs a backbone on batches of uint8 CHW images and returns float32 vectors."""
+
+    def __init__(self, backbone: Backbone, device: str = "auto", precision: str = "auto"):
+        self.backbone = backbone
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = backbone.model.to(self.device, memory_format=torch.channels_last).eval()
+        cfg = backbone.data_config
+        self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1) * 255
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        x = batch.to(self.device, non_blocking=True).float()
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=_DTYPES.get(self.precision), enabled=self.precision != "fp32"):
+            out = self.model(x)
+        return out.float().cpu().numpy()
+
+
+def iter_embeddings(
+    items: Sequence[ImageItem],
+    embedder: Embedder,
+    batch_size: int = 64,
+    workers: int | None = None,
+) -> Iterator[tuple[list[ReadResult], np.ndarray]]:
+    """Yield (results, vectors) per batch: vectors has one row per result without an error."""
+    if not items:
+        return
+    workers = default_workers(embedder.device) if workers is None else workers
+    reader = ImageReader(items, embedder.backbone.eval_transform(), draft_size(embedder.backbone.data_config))
+    loader = torch.utils.data.DataLoader(
+        reader,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=embedder.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    dim = embedder.backbone.dim
+    for results, batch in loader:
+        vectors = embedder(batch) if batch is not None else np.empty((0, dim), np.float32)
+        yield results, vectors
+
+
+def embed_items(
+    items: Sequence[ImageItem], embedder: Embedder, batch_size: int = 64, workers: int | None = None
+) -> tuple[np.ndarray, list[ReadResult]]:
+    """Embed items in memory: (vectors aligned with items, NaN rows for failures; all results)."""
+    out = np.full((len(items), embedder.backbone.dim), np.nan, dtype=np.float32)
+    all_results: list[ReadResult] = []
+    for results, vectors in iter_embeddings(items, embedder, batch_size, workers):
+        ok = [r.index for r in results if not r.error]
+        out[ok] = vectors
+        all_results.extend(results)
+    return out, all_results

@@ -1,0 +1,160 @@
+"""``embed``: reader -> mapper -> writer, incremental and crash-safe.
+
+1. discover the collection; 2. plan: skip files already embedded in this space whose size and
+mtime (or, failing that, content hash) are unchanged; 3. decode and embed the rest in batches;
+4. publish each batch as a journal part (durable, atomic); 5. fold the journal into the store.
+A run killed at any point resumes at step 2 on the next call with nothing lost or duplicated.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .backbones import DEFAULT_BACKBONE, default_space_name, load_backbone
+from .data import ImageItem, discover
+from .embedding import Embedder, iter_embeddings
+from .store import Batch, Store, StoreWriter, check_space_compatible, failure_keys
+from .utils import hash_file, timed
+
+STORE_DTYPES = ("float16", "float32")
+
+
+def plan(items: list[ImageItem], store: Store | None, space: str) -> tuple[list[ImageItem], int, int]:
+    """Split items into (to embed, unchanged, known failures) for one space."""
+    if store is None:
+        return list(items), 0, 0
+    index = {p: i for i, p in enumerate(store.images["path"])}
+    embedded = set(store.spaces[space].rows.tolist()) if space in store.spaces else set()
+    failed = failure_keys(store)
+    todo, unchanged, known_failed = [], 0, 0
+    for it in items:
+        try:
+            st = os.stat(it.path)
+        except OSError:
+            todo.append(it)  # the reader records why
+            continue
+        row = index.get(it.rel)
+        if row is not None and row in embedded:
+            if store.images["size"][row] == st.st_size and store.images["mtime"][row] == st.st_mtime:
+                unchanged += 1
+                continue
+            if store.images["size"][row] == st.st_size and store.images["hash"][row] == hash_file(it.path):
+                unchanged += 1  # touched but identical content
+                continue
+        prev = failed.get((it.rel, space))
+        if prev is not None and prev == (st.st_size, st.st_mtime):
+            known_failed += 1
+            continue
+        todo.append(it)
+    return todo, unchanged, known_failed
+
+
+def embed(
+    source: str | os.PathLike,
+    store: str | os.PathLike,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str | None = None,
+    space: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    precision: str = "auto",
+    workers: int | None = None,
+    dtype: str = "float16",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Embed a folder or CSV list of images into an HDF5 store; returns a summary dict.
+
+    Args:
+        source: a folder (recursive; ``<class>/img`` or ``<split>/<class>/img`` give labels) or
+            a CSV list of ``path[,label[,split]]``.
+        store: the ``.h5`` file to create or extend.
+        backbone: registry name, timm name or ``torchvision:<name>``.
+        weights: local checkpoint, ``"random"``, or None for the backbone's pretrained weights.
+        space: name of the embedding space (default: derived from backbone and weights).
+        batch_size: images per forward pass and per committed journal part.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        precision: ``auto`` (bf16 on CPUs that have it, fp16/bf16 on GPU), ``fp32``, ``bf16``, ``fp16``.
+        workers: decode worker processes (default: derived from the device and cores).
+        dtype: stored vector type, ``float16`` (default) or ``float32``.
+        progress: show a progress bar on stderr.
+    """
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"dtype must be one of {STORE_DTYPES}, not {dtype!r}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    stages: dict[str, float] = {}
+    t_start = time.perf_counter()
+    with timed(stages, "discover"):
+        root, items = discover(source)
+    with StoreWriter(store, root=root) as writer:
+        with timed(stages, "load_backbone"):
+            bb = load_backbone(backbone, weights)
+            embedder = Embedder(bb, device=device, precision=precision)
+        space = space or default_space_name(backbone, weights)
+        attrs = {**bb.space_attrs(), "dtype": dtype, "precision": embedder.precision, "device": embedder.device.type}
+        with timed(stages, "plan"):
+            snapshot = writer.snapshot()
+            prev = snapshot.spaces.get(space) if snapshot is not None else None
+            if prev is not None:
+                check_space_compatible(prev.attrs, attrs, space)
+                attrs["dtype"] = prev.attrs.get("dtype", dtype)
+            attrs["created"] = prev.attrs.get("created") if prev is not None else time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            if snapshot is not None and snapshot.root and snapshot.root != root:
+                items = [_rebase(it, snapshot.root) for it in items]
+            todo, unchanged, known_failed = plan(items, snapshot, space)
+        embedded = failed = 0
+        bar = tqdm(total=len(todo), unit="img", desc=f"embed {space}", disable=not progress, file=sys.stderr)
+        t_embed = time.perf_counter()
+        with timed(stages, "embed"):
+            for results, vectors in iter_embeddings(todo, embedder, batch_size, workers):
+                batch = Batch()
+                k = 0
+                for r in results:
+                    it = todo[r.index]
+                    if r.error:
+                        batch.add_failure(path=it.rel, space=space, error=r.error, message=r.message,
+                                          size=r.size, mtime=r.mtime)
+                        failed += 1
+                    else:
+                        batch.add_image(vectors[k], path=it.rel, label=it.label, split=it.split,
+                                        size=r.size, hash=r.hash, mtime=r.mtime)
+                        k += 1
+                        embedded += 1
+                writer.commit(batch, space, attrs)
+                bar.update(len(results))
+        bar.close()
+        embed_seconds = time.perf_counter() - t_embed
+        with timed(stages, "write"):
+            writer.consolidate()
+    seconds = time.perf_counter() - t_start
+    return {
+        "store": str(store),
+        "space": space,
+        "backbone": backbone,
+        "weights": bb.weights,
+        "device": embedder.device.type,
+        "precision": embedder.precision,
+        "images": len(items),
+        "embedded": embedded,
+        "skipped": unchanged + known_failed,
+        "unchanged": unchanged,
+        "failed": failed,
+        "known_failures": known_failed,
+        "seconds": round(seconds, 3),
+        "images_per_s": round((embedded + failed) / embed_seconds, 2) if embed_seconds > 0 and todo else 0.0,
+        "stages": {k: round(v, 3) for k, v in stages.items()},
+    }
+
+
+def _rebase(item: ImageItem, root: str) -> ImageItem:
+    """Express an item's path relative to the store's original root (absolute when outside it)."""
+    rel = os.path.relpath(item.path, root)
+    if rel.startswith(".."):
+        rel = item.path
+    return ImageItem(item.path, rel, item.label, item.split)
+
