@@ -309,3 +309,24 @@ def list_backbones() -> list[dict[str, Any]]:
         )
     out.sort(key=lambda r: not r["offline"])
     return out
+
+
+def weights_arg(source: str) -> str | None:
+    """The ``weights`` argument that reproduces a recorded weights source."""
+    if source == RANDOM:
+        return RANDOM
+    if os.path.isabs(source):
+        return source
+    return None  # the backbone's own pretrained weights (registry package, timm hub, torchvision)
+
+
+def load_space_backbone(attrs: dict[str, Any], classifier: bool = False) -> Backbone:
+    """Reload the backbone that produced a space, refusing it if the weights checksum differs."""
+    bb = load_backbone(str(attrs["backbone"]), weights_arg(str(attrs.get("weights", ""))), classifier=classifier)
+    if not classifier and bb.weights_sha256 != attrs.get("weights_sha256"):
+        raise BackboneError(
+            f"the weights of {attrs['backbone']} here (sha256 {bb.weights_sha256[:12]}) differ from the ones that "
+            f"built this space (sha256 {str(attrs.get('weights_sha256'))[:12]}): queries would land in another space. "
+            "Install the same weights, or embed the collection again into a new space."
+        )
+    return bb
