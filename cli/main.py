@@ -10,11 +10,9 @@ from typing import Any, Callable
 import click
 
 import embedstore
-from embedstore.backbones import BackboneError
-from embedstore.data import CollectionError
-from embedstore.store import StoreError
+from embedstore.errors import EmbedstoreError
 
-KNOWN_ERRORS = (StoreError, BackboneError, CollectionError, FileNotFoundError, ValueError, RuntimeError)
+KNOWN_ERRORS = (EmbedstoreError, FileNotFoundError, ValueError, RuntimeError)
 
 
 def friendly_errors(fn: Callable) -> Callable:

@@ -1,31 +1,50 @@
 """embedstore: embed image collections once with frozen pretrained backbones, reuse them forever.
 
-Data flow, as the modules read: backbones -> data -> embedding -> pipeline (store writer) -> store.
+Data flow, as the modules read: backbones -> data -> embedding -> pipeline -> store.
+Names are imported lazily, so ``import embedstore`` (and ``embedstore info``) stay fast.
 """
-from .backbones import DEFAULT_BACKBONE, Backbone, BackboneError, list_backbones, load_backbone
-from .data import CollectionError, discover
-from .embedding import Embedder, iter_embeddings
-from .pipeline import embed
-from .store import Space, Store, StoreError, StoreLockedError, open_store
-from .transformer import EmbeddingTransformer
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import BackboneError, CollectionError, EmbedstoreError, StoreError, StoreLockedError
 
 __version__ = "0.1.0"
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+_LAZY = {
+    "Backbone": "backbones",
+    "list_backbones": "backbones",
+    "load_backbone": "backbones",
+    "discover": "data",
+    "Embedder": "embedding",
+    "iter_embeddings": "embedding",
+    "embed": "pipeline",
+    "Space": "store",
+    "Store": "store",
+    "open_store": "store",
+    "EmbeddingTransformer": "transformer",
+}
 
 __all__ = [
     "DEFAULT_BACKBONE",
-    "Backbone",
     "BackboneError",
     "CollectionError",
-    "Embedder",
-    "EmbeddingTransformer",
-    "Space",
-    "Store",
+    "EmbedstoreError",
     "StoreError",
     "StoreLockedError",
-    "discover",
-    "embed",
-    "iter_embeddings",
-    "list_backbones",
-    "load_backbone",
-    "open_store",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'embedstore' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -17,12 +17,10 @@ import timm
 import torch
 from torch import nn
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
+from . import DEFAULT_BACKBONE
+from .errors import BackboneError
+
 RANDOM = "random"
-
-
-class BackboneError(RuntimeError):
-    """A backbone cannot be created or its weights cannot be loaded."""
 
 
 @dataclass(frozen=True)
@@ -149,17 +147,41 @@ def _offline_hint() -> str:
     )
 
 
-def _load_file(model: nn.Module, path: str) -> None:
+def _load_file(model: nn.Module, path: str, strip_head: Callable[[nn.Module], None]) -> None:
+    """Load a local state dict (.pth/.pt/.safetensors, plain or under 'state_dict').
+
+    A checkpoint without the classifier (a backbone saved for features) loads into the model
+    with its head removed first.
+    """
     if not os.path.isfile(path):
         raise BackboneError(f"weights file {path} does not exist: pass the path of a .pth/.pt or .safetensors state dict")
     try:
-        timm.models.load_checkpoint(model, path, strict=True)
+        state = timm.models.load_state_dict(path)
+        if set(model.state_dict()) - set(state):
+            strip_head(model)
+        model.load_state_dict(state, strict=True)
     except Exception as e:  # noqa: BLE001 - every loader error becomes one clear message
         raise BackboneError(f"cannot load weights {path} into this architecture: {e}") from e
 
 
-def _create_timm(arch: str, pretrained: bool) -> nn.Module:
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
+    import socket
+
     try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _create_timm(arch: str, pretrained: bool) -> nn.Module:
+    """timm.create_model; offline, pretrained weights come from the local cache or fail at once."""
+    import huggingface_hub.constants as hub
+
+    offline = pretrained and not hub.HF_HUB_OFFLINE and not _hub_reachable()
+    saved = hub.HF_HUB_OFFLINE
+    try:
+        hub.HF_HUB_OFFLINE = saved or offline  # no retries against a hub that cannot be reached
         return timm.create_model(arch, pretrained=pretrained)
     except RuntimeError as e:
         if "Unknown model" in str(e):
@@ -167,14 +189,18 @@ def _create_timm(arch: str, pretrained: bool) -> nn.Module:
                 f"unknown backbone {arch!r}: use a name from `embedstore backbones`, any timm model name "
                 "(timm.list_models()), or torchvision:<name>"
             ) from e
-        raise
+        if not pretrained:
+            raise
+        raise BackboneError(f"pretrained weights for {arch!r} cannot be loaded ({e}). " + _offline_hint()) from e
     except Exception as e:  # noqa: BLE001 - network/hub failures
         if pretrained:
             raise BackboneError(
-                f"pretrained weights for {arch!r} are not in the local cache and cannot be downloaded ({type(e).__name__}). "
-                + _offline_hint()
+                f"pretrained weights for {arch!r} are not in the local cache and cannot be downloaded "
+                f"({type(e).__name__}). " + _offline_hint()
             ) from e
         raise
+    finally:
+        hub.HF_HUB_OFFLINE = saved
 
 
 def _torchvision_model(arch: str, weights: str | None) -> tuple[nn.Module, dict[str, Any], str]:
@@ -196,7 +222,7 @@ def _torchvision_model(arch: str, weights: str | None) -> tuple[nn.Module, dict[
     elif weights == RANDOM:
         source = RANDOM
     else:
-        _load_file(model, weights)
+        _load_file(model, weights, _strip_torchvision_head)
         source = os.path.abspath(weights)
     preset = tv_weights.transforms()
     crop, resize = preset.crop_size[0], preset.resize_size[0]
@@ -264,7 +290,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, clas
             if weights == RANDOM:
                 source = RANDOM
             else:
-                _load_file(model, weights)
+                _load_file(model, weights, lambda m: m.reset_classifier(0))
                 source = os.path.abspath(weights)
         config = timm.data.resolve_data_config({}, model=model)
         if not classifier:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from .errors import CollectionError
+
 SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 # Refuse decompression bombs by pixel count (Pillow's limit), before any pixel is decoded.
@@ -38,10 +40,6 @@ class ImageItem:
     rel: str  # path as stored: relative to the collection root when inside it
     label: str = ""
     split: str = ""
-
-
-class CollectionError(ValueError):
-    """The collection (folder or CSV list) cannot be read."""
 
 
 def discover(source: str | os.PathLike) -> tuple[str, list[ImageItem]]:
@@ -121,14 +119,17 @@ def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = Image.open(io.BytesIO(data))
-        if im.width * im.height > MAX_PIXELS:
+        try:
+            im = Image.open(io.BytesIO(data))
+            if im.width * im.height > MAX_PIXELS:
+                raise Image.DecompressionBombWarning(f"{im.width}x{im.height} pixels")
+            if min_size and im.format == "JPEG":
+                im.draft("RGB", (min_size, min_size))
+            im = ImageOps.exif_transpose(im)
+        except Image.DecompressionBombWarning as w:
             raise Image.DecompressionBombError(
-                f"{im.width}x{im.height} pixels exceeds the limit of {MAX_PIXELS} (possible decompression bomb)"
-            )
-        if min_size and im.format == "JPEG":
-            im.draft("RGB", (min_size, min_size))
-        im = ImageOps.exif_transpose(im)
+                f"refused: {w} exceeds the limit of {MAX_PIXELS} pixels (possible decompression bomb)"
+            ) from None
         return to_rgb(im)
 
 

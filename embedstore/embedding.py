@@ -31,6 +31,23 @@ def cpu_has_bf16() -> bool:
     return any(flag in flags for flag in ("amx_bf16", "avx512_bf16"))
 
 
+@lru_cache(maxsize=1)
+def tune_allocator() -> bool:
+    """Keep glibc from returning large activation buffers to the OS after every forward pass.
+
+    CPU inference allocates and frees tens of MB per layer; with glibc's defaults each of those
+    is an mmap/munmap pair and page faults, which showed up as a third of the run time (system
+    time) on a 2-core machine. Raising the mmap and trim thresholds keeps the memory reused.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, (1 << 31) - 1))  # M_MMAP_, M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,6 +81,8 @@ class Embedder:
         self.backbone = backbone
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
+        if self.device.type == "cpu":
+            tune_allocator()
         self.model = backbone.model.to(self.device, memory_format=torch.channels_last).eval()
         cfg = backbone.data_config
         self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1) * 255

@@ -34,19 +34,13 @@ from typing import Any, Iterable, Sequence
 import h5py
 import numpy as np
 
+from .errors import StoreError, StoreLockedError
+
 FORMAT = "embedstore/1"
 IMAGE_COLUMNS = ("path", "label", "split", "size", "hash", "mtime")
 FAILURE_COLUMNS = ("path", "space", "error", "message", "size", "mtime")
 _STR_COLUMNS = {"path", "label", "split", "hash", "space", "error", "message"}
 _PART_RE = re.compile(r"^part-(\d{10})\.h5$")
-
-
-class StoreError(RuntimeError):
-    """A store cannot be read or written; the message names the file and the fix."""
-
-
-class StoreLockedError(StoreError):
-    """Another process is writing the store."""
 
 
 # --------------------------------------------------------------------------- reading
@@ -448,8 +442,12 @@ class StoreWriter:
         self.acquire()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        try:
+            if exc_type is None:
+                self.consolidate()
+        finally:
+            self.release()
 
     def acquire(self) -> None:
         folder = self.path.parent

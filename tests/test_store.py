@@ -1,0 +1,154 @@
+"""Writer stage: journal parts, atomic consolidation, locking, merging rules, clear errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from embedstore.store import (
+    Batch,
+    StoreError,
+    StoreLockedError,
+    StoreWriter,
+    journal_dir,
+    list_parts,
+    open_store,
+)
+
+ATTRS = {"backbone": "toy", "weights_sha256": "abc", "dim": 4, "dtype": "float16"}
+
+
+def row(path: str, h: str = "h", label: str = "a") -> dict:
+    return dict(path=path, label=label, split="train", size=10, hash=h, mtime=1.0)
+
+
+def batch_of(*paths: str, value: float = 1.0, h: str = "h") -> Batch:
+    b = Batch()
+    for p in paths:
+        b.add_image(np.full(4, value, np.float32), **row(p, h))
+    return b
+
+
+def test_commit_publishes_parts_that_readers_see_before_consolidation(tmp_path: Path):
+    store = tmp_path / "s.h5"
+    with StoreWriter(store, root=str(tmp_path)) as w:
+        w.commit(batch_of("a.png", "b.png"), "toy", ATTRS)
+        w.commit(batch_of("c.png"), "toy", ATTRS)
+        assert not store.exists() and len(list_parts(store)) == 2
+        snap = open_store(store)  # a reader during the run: a consistent prefix
+        assert snap.n_images == 3 and len(snap.space("toy")) == 3 and snap.journal_parts == 2
+        w.consolidate()
+    assert store.exists() and not journal_dir(store).exists()
+    st = open_store(store)
+    assert list(st.images["path"]) == ["a.png", "b.png", "c.png"]
+    assert st.space("toy").vectors.dtype == np.float16
+    with h5py.File(store) as f:
+        ds = f["spaces/toy/vectors"]
+        assert ds.chunks is not None and ds.maxshape == (None, 4)
+        assert f["spaces/toy"].attrs["backbone"] == "toy"
+
+
+def test_second_writer_is_refused_with_a_clear_message(tmp_path: Path):
+    store = tmp_path / "s.h5"
+    with StoreWriter(store):
+        with pytest.raises(StoreLockedError, match="being written by pid"):
+            StoreWriter(store).acquire()
+    with StoreWriter(store):  # the lock is released on exit
+        pass
+
+
+def test_leftover_journal_is_recovered_by_the_next_writer(tmp_path: Path):
+    store = tmp_path / "s.h5"
+    w = StoreWriter(store, root=str(tmp_path))
+    w.acquire()
+    w.commit(batch_of("a.png"), "toy", ATTRS)
+    w.release()  # as if killed: parts left, never consolidated
+    assert list_parts(store) and not store.exists()
+    with StoreWriter(store):
+        pass
+    assert store.exists() and not list_parts(store)
+    assert open_store(store).n_images == 1
+
+
+def test_parts_already_folded_in_are_not_counted_twice(tmp_path: Path):
+    """Killed between the atomic replace and the deletion of the parts: no duplicates."""
+    store = tmp_path / "s.h5"
+    with StoreWriter(store) as w:
+        w.commit(batch_of("a.png"), "toy", ATTRS)
+        parts = [p.read_bytes() for _, p in list_parts(store)]
+        w.consolidate()
+    journal_dir(store).mkdir()
+    (journal_dir(store) / "part-0000000001.h5").write_bytes(parts[0])
+    st = open_store(store)
+    assert st.n_images == 1 and len(st.space("toy")) == 1
+
+
+def test_changed_content_replaces_the_vector(tmp_path: Path):
+    store = tmp_path / "s.h5"
+    with StoreWriter(store) as w:
+        w.commit(batch_of("a.png", "b.png", value=1.0, h="old"), "toy", ATTRS)
+        w.commit(batch_of("a.png", value=2.0, h="new"), "toy", ATTRS)
+    st = open_store(store)
+    sp = st.space("toy")
+    assert st.n_images == 2 and len(sp) == 2
+    assert sp.vectors[list(sp.paths).index("a.png")][0] == 2.0
+    assert st.images["hash"][0] == "new"
+
+
+def test_failure_is_cleared_when_the_file_later_embeds(tmp_path: Path):
+    store = tmp_path / "s.h5"
+    with StoreWriter(store) as w:
+        b = Batch()
+        b.add_failure(path="a.png", space="toy", error="OSError", message="truncated", size=3, mtime=1.0)
+        w.commit(b, "toy", ATTRS)
+        assert len(open_store(store).failures) == 1
+        w.commit(batch_of("a.png"), "toy", ATTRS)
+    assert open_store(store).failures == []
+
+
+def test_space_with_other_weights_is_refused(tmp_path: Path):
+    store = tmp_path / "s.h5"
+    with pytest.raises(StoreError, match="--space"):
+        with StoreWriter(store) as w:
+            w.commit(batch_of("a.png"), "toy", ATTRS)
+            w.commit(batch_of("b.png"), "toy", {**ATTRS, "weights_sha256": "other"})
+
+
+def test_missing_store_names_the_fix(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="embedstore embed"):
+        open_store(tmp_path / "none.h5")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign"])
+def test_corrupt_store_gives_a_clear_error(tmp_path: Path, damage: str):
+    store = tmp_path / "s.h5"
+    with StoreWriter(store) as w:
+        w.commit(batch_of("a.png"), "toy", ATTRS)
+    data = store.read_bytes()
+    if damage == "truncate":
+        store.write_bytes(data[: len(data) // 3])
+    elif damage == "garbage":
+        store.write_bytes(b"not hdf5 at all" * 100)
+    else:
+        store.unlink()
+        with h5py.File(store, "w") as f:
+            f["x"] = 1
+    with pytest.raises(StoreError, match=str(store)):
+        open_store(store)
+
+
+def test_unwritable_folder_is_a_clear_error(tmp_path: Path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        import os
+
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        with pytest.raises(StoreError, match="writable"):
+            StoreWriter(folder / "s.h5").acquire()
+    finally:
+        folder.chmod(0o700)
