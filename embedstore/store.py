@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import json
 import os
 import re
@@ -349,7 +350,7 @@ def _write_columns(group: h5py.Group, columns: Sequence[str], data: dict[str, Se
             arr = np.array([str(v) for v in values], dtype=h5py.string_dtype())
         else:
             arr = np.asarray(values, dtype=np.int64 if c == "size" else np.float64)
-        group.create_dataset(c, data=arr, maxshape=(None,), chunks=(max(1024, 1),))
+        group.create_dataset(c, data=arr, maxshape=(None,), chunks=(_chunk_rows(len(arr), 4096),))
 
 
 def _write_attrs(target: h5py.AttributeManager, attrs: dict[str, Any]) -> None:
@@ -366,35 +367,45 @@ def write_file(
     spaces: dict[str, tuple[dict[str, Any], np.ndarray, np.ndarray]],
     failures: dict[str, Sequence],
 ) -> None:
-    """Write a complete store file atomically: temporary file, fsync, rename, fsync folder."""
+    """Write a complete store file atomically: temporary file, fsync, rename, fsync folder.
+
+    The HDF5 image is built in memory and written with plain file I/O: HDF5 itself can crash
+    when the disk fills up while it flushes, whereas a failed ``write`` is an ordinary error.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        _write_attrs(f.attrs, {**attrs, "format": FORMAT})
+        _write_columns(f.create_group("images"), IMAGE_COLUMNS, images)
+        _write_columns(f.create_group("failures"), FAILURE_COLUMNS, failures)
+        sg = f.create_group("spaces")
+        for name, (sattrs, rows, vectors) in spaces.items():
+            g = sg.create_group(name)
+            dim = vectors.shape[1]
+            cap = max(1, (1 << 20) // max(1, dim * vectors.dtype.itemsize))  # ~1 MB chunks
+            g.create_dataset("vectors", data=vectors, maxshape=(None, dim), chunks=(_chunk_rows(len(vectors), cap), dim))
+            g.create_dataset("rows", data=np.asarray(rows, np.int64), maxshape=(None,),
+                             chunks=(_chunk_rows(len(rows), 4096),))
+            _write_attrs(g.attrs, sattrs)
     try:
-        with h5py.File(tmp, "w", locking=False) as f:
-            _write_attrs(f.attrs, {**attrs, "format": FORMAT})
-            _write_columns(f.create_group("images"), IMAGE_COLUMNS, images)
-            _write_columns(f.create_group("failures"), FAILURE_COLUMNS, failures)
-            sg = f.create_group("spaces")
-            for name, (sattrs, rows, vectors) in spaces.items():
-                g = sg.create_group(name)
-                dim = vectors.shape[1]
-                chunk_rows = max(1, min(4096, (1 << 20) // max(1, dim * vectors.dtype.itemsize)))
-                g.create_dataset("vectors", data=vectors, maxshape=(None, dim), chunks=(chunk_rows, dim))
-                g.create_dataset("rows", data=np.asarray(rows, np.int64), maxshape=(None,), chunks=(4096,))
-                _write_attrs(g.attrs, sattrs)
-        with open(tmp, "rb+") as fh:
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StoreError(f"no space left to write {path}: free disk space and run again; finished work is kept") from e
-        if isinstance(e, PermissionError):
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise StoreError(f"cannot write {path} ({e.strerror}): choose a writable --store location") from e
         raise
+
+
+def _chunk_rows(n: int, cap: int) -> int:
+    """Chunk length: the whole dataset when small (journal parts stay small), else ``cap``."""
+    return max(1, min(n, cap))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -470,9 +481,19 @@ class StoreWriter:
         fh.write(f"pid {os.getpid()}")
         fh.flush()
         self._lock_fh = fh
+        self._remove_stale_temporaries()
         self.consolidate()  # fold in whatever a killed run left
         parts = list_parts(self.path)
         self._seq = max([self._base_seq()] + [s for s, _ in parts])
+
+    def _remove_stale_temporaries(self) -> None:
+        """Half-written files of a killed writer (never visible to readers) are deleted."""
+        pattern = f".{self.path.name}.tmp-*"
+        stale = list(self.path.parent.glob(pattern))
+        if journal_dir(self.path).is_dir():
+            stale += list(journal_dir(self.path).glob(".part-*.tmp-*"))
+        for tmp in stale:
+            tmp.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self._lock_fh is not None:

@@ -107,7 +107,7 @@ def test_space_backbone_refuses_other_weights():
 
 
 def test_embeddings_are_deterministic_and_batch_independent(tmp_path: Path):
-    from conftest import make_collection
+    from imagegen import make_collection
 
     root = make_collection(tmp_path, per_class=3, splits=())
     _, items = embedstore.discover(root)

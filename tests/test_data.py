@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import draw_image, make_collection
+from imagegen import draw_image, make_collection
 from embedstore.data import CollectionError, ImageItem, ImageReader, decode_image, discover, draft_size
 
 

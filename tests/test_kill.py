@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 import embedstore
-from conftest import TINY_BACKBONE, make_collection
+from imagegen import TINY_BACKBONE, make_collection
 from embedstore.store import StoreWriter, list_parts
 
 

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import embedstore
-from conftest import TINY_BACKBONE, draw_image, make_collection
+from imagegen import TINY_BACKBONE, draw_image, make_collection
 from embedstore_cli.main import main
 
 TINY = dict(backbone=TINY_BACKBONE, weights="random", workers=0, progress=False)

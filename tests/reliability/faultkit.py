@@ -1,0 +1,87 @@
+"""Fault injection shared by tests/reliability and benchmarks/faults.py: kill real processes."""
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import embedstore
+from embedstore.store import list_parts
+
+
+def embed_cmd(src: Path, store: Path, backbone: str = "test_efficientnet", batch_size: int = 4) -> list[str]:
+    return [sys.executable, "-m", "embedstore_cli.main", "embed", str(src), "--store", str(store),
+            "--backbone", backbone, "--weights", "random", "--batch-size", str(batch_size), "--workers", "0",
+            "--precision", "fp32", "--quiet", "--json"]
+
+
+@dataclass
+class KillReport:
+    kills: int = 0
+    runs: int = 0
+    completed_runs: int = 0
+    delays: list[float] = field(default_factory=list)
+
+
+def kill_loop(cmd: list[str], store: Path, kills: int, max_delay: float, seed: int = 0) -> KillReport:
+    """Start ``cmd`` again and again, SIGKILLing each at a random moment, until ``kills`` kills;
+    after every kill the store must open; finally run once to completion."""
+    rng = random.Random(seed)
+    report = KillReport()
+    while report.kills < kills:
+        delay = rng.uniform(0, max_delay)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        report.runs += 1
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            report.kills += 1
+            report.delays.append(delay)
+            if store.exists() or list_parts(store):
+                embedstore.open_store(store)  # readable after every kill
+            continue
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        if proc.returncode != 0:
+            raise AssertionError(f"run {report.runs} failed (exit {proc.returncode}):\n{stderr[-2000:]}")
+        report.completed_runs += 1
+    final = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if final.returncode != 0:
+        raise AssertionError(f"final run failed:\n{final.stderr[-2000:]}")
+    report.runs += 1
+    report.completed_runs += 1
+    return report
+
+
+def compare_stores(store: Path, reference: Path, atol: float = 1e-2) -> dict:
+    """Rows lost / duplicated / vectors that differ between a killed-and-resumed store and a reference."""
+    got, ref = embedstore.open_store(store), embedstore.open_store(reference)
+    out = {"rows": 0, "rows_lost": 0, "rows_duplicated": 0, "rows_extra": 0, "vectors_differ": 0,
+           "failures": len(got.failures), "reference_failures": len(ref.failures)}
+    for name, rsp in ref.spaces.items():
+        sp = got.spaces.get(name)
+        paths = list(sp.paths) if sp is not None else []
+        out["rows"] += len(paths)
+        out["rows_duplicated"] += len(paths) - len(set(paths))
+        mine = dict(zip(paths, sp.vectors.astype(np.float32))) if sp is not None else {}
+        theirs = dict(zip(rsp.paths, rsp.vectors.astype(np.float32)))
+        out["rows_lost"] += len(set(theirs) - set(mine))
+        out["rows_extra"] += len(set(mine) - set(theirs))
+        out["vectors_differ"] += sum(
+            not np.allclose(mine[p], v, atol=atol, rtol=atol) for p, v in theirs.items() if p in mine
+        )
+    out["duplicate_images"] = got.n_images - len(set(got.images["path"]))
+    return out
+
+
+def timed_run(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    return time.perf_counter() - t0
