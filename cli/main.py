@@ -170,19 +170,32 @@ def demo(folder: str, backbone: str, per_class: int, as_json: bool) -> None:
     images = d.write_digits(os.path.join(folder, "digits"), per_class=per_class)
     store = os.path.join(folder, "digits.h5")
     summary = embedstore.embed(images, store, backbone=backbone, progress=not as_json)
-    probe = d.linear_probe(store)
+    heads = d.compare_heads(store)
     photos = d.imagenet_top(d.write_sample_photos(os.path.join(folder, "photos")), backbone)
     if as_json:
-        emit_json({"embed": summary, "linear_probe": probe, "photos": photos})
+        emit_json({"embed": summary, "classifiers": heads, "photos": photos})
         return
     click.echo(f"embedded {summary['embedded']} new images ({summary['skipped']} already in the store) "
                f"into {store} in {summary['seconds']:.1f}s")
-    click.echo(f"linear probe on cached vectors: {probe['val_accuracy']:.1%} val accuracy "
-               f"({probe['train']} train / {probe['val']} val digits)")
+    click.echo("classifier heads on the cached vectors (train -> val digits):")
+    click.echo(_table([[h["model"], f"{h['accuracy']:.3f}", f"{h['balanced_accuracy']:.3f}", f"{h['fit_s']:.2f}",
+                        ", ".join(f"{k}={v}" for k, v in h["params"].items())] for h in heads],
+                      ["head", "accuracy", "balanced", "fit s", "chosen"]))
     for p in photos:
         click.echo(f"{p['image']}: " + ", ".join(f"{t['label']} ({t['p']:.2f})" for t in p["top"]))
     click.echo(f"\nnext: embedstore info {store}")
 
+
+def _register_commands() -> None:
+    """Add the commands of the later stages (each module has a ``register(group)``)."""
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(f"embedstore_cli.{module}").register(main)
+
+
+COMMAND_MODULES = ("classify_commands",)
+_register_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,7 +1,8 @@
 """embedstore: embed image collections once with frozen pretrained backbones, reuse them forever.
 
 Data flow, as the modules read: backbones -> data -> embedding -> pipeline -> store.
-Names are imported lazily, so ``import embedstore`` (and ``embedstore info``) stay fast.
+Names are imported lazily, so ``import embedstore`` (and ``embedstore info``) stay fast. The
+stage functions named like their modules live there: ``embedstore.classify.classify``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ _LAZY = {
     "Store": "store",
     "open_store": "store",
     "EmbeddingTransformer": "transformer",
+    "fit_head": "classify",
+    "ClassifyReport": "classify",
+    "FaissKNNClassifier": "classify",
+    "Head": "heads",
+    "HeadError": "heads",
+    "load_head": "heads",
+    "save_head": "heads",
+    "predict_images": "heads",
 }
 
 __all__ = [

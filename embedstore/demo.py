@@ -75,19 +75,11 @@ def imagenet_top(paths: list[Path], backbone: str, k: int = 3) -> list[dict[str,
     ]
 
 
-def linear_probe(store_path: str | os.PathLike, space: str | None = None) -> dict[str, Any]:
-    """Train a logistic regression on the train split's vectors; report val accuracy."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+def compare_heads(store_path: str | os.PathLike, models: str = "logreg,knn,centroid") -> list[dict[str, Any]]:
+    """Compare classifier heads on the cached vectors (train split -> val split)."""
+    from .classify import classify
 
-    from .store import open_store
-
-    sp = open_store(store_path).space(space)
-    X = sp.vectors.astype(np.float32)
-    train, val = sp.splits == "train", sp.splits == "val"
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1))
-    clf.fit(X[train], sp.labels[train])
-    acc = accuracy_score(sp.labels[val], clf.predict(X[val]))
-    return {"space": sp.name, "train": int(train.sum()), "val": int(val.sum()), "val_accuracy": round(float(acc), 4)}
+    report = classify(store_path, models=models)
+    return [
+        {k: r[k] for k in ("model", "accuracy", "balanced_accuracy", "fit_s", "params")} for r in report.results
+    ]

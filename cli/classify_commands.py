@@ -1,0 +1,144 @@
+"""``embedstore classify`` and ``embedstore predict``: classical heads over a store's vectors.
+
+Wire into the main group with ``register(main)``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import click
+
+from embedstore.classify import DEFAULT_MODELS, PREPROCESS, PROTOCOLS
+
+
+def _friendly(fn: Callable) -> Callable:
+    """The main CLI's ``friendly_errors``, looked up at call time (no import cycle with main.py)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from embedstore_cli.main import friendly_errors
+
+        return friendly_errors(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-"
+
+
+def _default_png(store: str, space: str, model: str) -> str:
+    base = os.path.splitext(store)[0]
+    return f"{base}.{space}.{model}.confusion.png"
+
+
+@click.command()
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option("--space", "spaces", multiple=True, help="Space to use; repeat to compare spaces. Default: every space.")
+@click.option("--models", default=",".join(DEFAULT_MODELS), show_default=True, help="Comma list of heads, or 'all'.")
+@click.option("--protocol", default="auto", show_default=True, type=click.Choice(PROTOCOLS),
+              help="split: train on train, score on val/test; cv: stratified k-fold; "
+                   "auto: split when the store has splits.")
+@click.option("--preprocess", default="l2", show_default=True, type=click.Choice(PREPROCESS),
+              help="Vector preprocessing, fitted on training rows.")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(2), help="Folds of the cv protocol.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the validation carve and the folds.")
+@click.option("--confusion", "confusion_png", default=None, type=click.Path(dir_okay=False),
+              help="Confusion-matrix PNG of the best head. Default: STORE.<space>.<model>.confusion.png.")
+@click.option("--no-confusion", is_flag=True, help="Do not write the confusion-matrix picture.")
+@click.option("--save-head", "save_dir", default=None, type=click.Path(file_okay=False),
+              help="Save the best head with its space's lineage to this folder (for `embedstore predict`).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def classify(store: str, spaces: tuple[str, ...], models: str, protocol: str, preprocess: str, folds: int, seed: int,
+             confusion_png: str | None, no_confusion: bool, save_dir: str | None, as_json: bool) -> None:
+    """Compare classifier heads on the cached vectors of STORE (every model x space).
+
+    \b
+    Heads: logreg, linear-svm, rbf-svm, ridge (C or alpha swept), knn (FAISS cosine,
+    DINOv2 softmax vote, k and T swept), knn-majority, centroid. Hyper-parameters are
+    chosen on a part carved from the training rows only; scores come from val/test
+    (split protocol) or out-of-fold predictions (cv).
+    """
+    from embedstore.classify import classify as run
+    from embedstore.classify import write_confusion_png
+    from embedstore_cli.main import _table, emit_json
+
+    report = run(store, spaces=list(spaces) or None, models=models, protocol=protocol, preprocess=preprocess,
+                 folds=folds, seed=seed)
+    out = report.to_dict()
+    best = report.best
+    if not no_confusion:
+        png = confusion_png or _default_png(store, best["space"], best["model"])
+        try:
+            out["best"]["confusion_png"] = write_confusion_png(
+                png, best["confusion_matrix"], best["labels"], f"{best['space']} / {best['model']}: "
+                f"accuracy {best['accuracy']:.3f}")
+        except OSError as e:
+            click.echo(f"warning: cannot write {png} ({e}); pass --confusion PATH", err=True)
+    if save_dir:
+        out["head"] = report.save_head(save_dir)
+    if as_json:
+        emit_json(out)
+        return
+    ev = report.evaluation
+    if report.protocol == "split":
+        click.echo(f"{store}: trained on {ev['train']} train images, scored on {ev['eval']} {ev['eval_split']} images"
+                   + (f" (and {ev['test']} test)" if "test" in ev else ""))
+    else:
+        click.echo(f"{store}: {ev['folds']}-fold stratified cross-validation over {ev['eval']} labelled images")
+    top5 = any("top5_accuracy" in r for r in report.results)
+    test = any("test" in r for r in report.results)
+    header = ["space", "model", "acc", "bal_acc", "macro_f1"] + (["top5"] if top5 else []) + \
+        (["test_acc"] if test else []) + ["fit_s", "predict_s", "params"]
+    rows = []
+    for r in report.results:
+        rows.append([r["space"], r["model"], f"{r['accuracy']:.4f}", f"{r['balanced_accuracy']:.4f}",
+                     f"{r['macro_f1']:.4f}"]
+                    + ([f"{r.get('top5_accuracy', float('nan')):.4f}"] if top5 else [])
+                    + ([f"{r['test']['accuracy']:.4f}"] if test else [])
+                    + [f"{r['fit_s']:.3f}", f"{r['predict_s']:.4f}", _fmt_params(r["params"])])
+    click.echo(_table(rows, header))
+    click.echo(f"\nbest: {best['space']} / {best['model']} ({best['accuracy']:.4f} accuracy)\n")
+    click.echo(best["per_class_text"].rstrip())
+    if "confusion_png" in out["best"]:
+        click.echo(f"\nconfusion matrix: {out['best']['confusion_png']}")
+    if save_dir:
+        click.echo(f"head saved to {out['head']}; use it with: embedstore predict {out['head']} IMAGES...")
+
+
+@click.command()
+@click.argument("head", type=click.Path(exists=True))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1), help="Labels shown per image.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def predict(head: str, images: tuple[str, ...], top_k: int, device: str, batch_size: int, as_json: bool) -> None:
+    """Label IMAGES (files or folders) with a head saved by `embedstore classify --save-head`.
+
+    The images are embedded with the backbone recorded in the head (refused if its weights
+    checksum differs), then classified; probabilities come from the head.
+    """
+    from embedstore.heads import load_head, predict_images
+    from embedstore_cli.main import _table, emit_json
+
+    h = load_head(head)
+    preds = predict_images(h, list(images), top_k=top_k, device=device, batch_size=batch_size)
+    if as_json:
+        emit_json({"head": str(h.path), "space": h.space, "backbone": h.lineage.get("backbone"), "model": h.model,
+                   "predictions": preds})
+        return
+    rows = [[p["image"], p.get("label", "-"), f"{p['probability']:.3f}" if "probability" in p else "-",
+             ", ".join(f"{t['label']} {t['p']:.2f}" for t in p["top"]) if "top" in p else f"ERROR {p['error']}"]
+            for p in preds]
+    click.echo(_table(rows, ["image", "label", "p", f"top {top_k}"]))
+
+
+def register(group: click.Group) -> None:
+    """Add ``classify`` and ``predict`` to a click group (the ``embedstore`` command)."""
+    group.add_command(classify)
+    group.add_command(predict)

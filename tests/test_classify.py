@@ -1,0 +1,169 @@
+"""Classifier heads over cached vectors: real accuracy, protocols, k-NN, metrics, CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from imagegen import TINY_BACKBONE, make_collection
+from PIL import Image
+
+import embedstore
+from embedstore.classify import (
+    MODELS,
+    FaissKNNClassifier,
+    carve_validation,
+    classify,
+    fit_head,
+    fit_temperature,
+    parse_models,
+    score_predictions,
+    write_confusion_png,
+)
+from embedstore.store import StoreError
+from embedstore_cli.classify_commands import register
+
+RESULT_KEYS = {"space", "model", "accuracy", "balanced_accuracy", "macro_f1", "fit_s", "predict_s", "params"}
+
+
+def cli() -> click.Group:
+    @click.group()
+    def group() -> None:
+        pass
+
+    register(group)
+    return group
+
+
+def test_every_head_separates_generated_classes(tiny_store: Path) -> None:
+    report = classify(str(tiny_store))
+    assert report.protocol == "split"
+    assert report.evaluation == {"train": 18, "eval_split": "val", "eval": 18}
+    assert [r["model"] for r in report.results] == list(MODELS)
+    for r in report.results:
+        assert RESULT_KEYS <= set(r)
+        assert r["accuracy"] >= 0.8, r  # 3 separable classes, chance is 1/3
+    assert report.best["accuracy"] >= 0.94
+    assert sum(map(sum, report.best["confusion_matrix"])) == 18
+    assert set(report.best["labels"]) == {"red_disc", "green_square", "blue_stripes"}
+
+
+def test_cv_protocol_when_the_store_has_no_splits(tmp_path: Path) -> None:
+    images = make_collection(tmp_path / "flat", per_class=8, splits=())
+    store = tmp_path / "flat.h5"
+    embedstore.embed(images, store, backbone=TINY_BACKBONE, weights="random", workers=0, progress=False)
+    report = classify(str(store), models="logreg,knn", folds=4)
+    assert report.protocol == "cv"
+    assert report.evaluation["folds"] == 4 and report.evaluation["eval"] == 24
+    assert all(r["accuracy"] >= 0.8 for r in report.results)
+    assert all(len(r["params_per_fold"]) == 4 for r in report.results)
+    head, space = report.head()  # refit on every labelled row
+    assert (head.estimator.predict(space.vectors.astype(np.float32)) == space.labels).mean() >= 0.9
+    with pytest.raises(StoreError, match="--protocol cv"):
+        classify(str(store), protocol="split")
+
+
+def test_faiss_knn_matches_brute_force_cosine_votes() -> None:
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(200, 16)), rng.integers(0, 4, 200).astype(str)
+    Q = rng.normal(size=(30, 16))
+    norm = lambda A: A / np.linalg.norm(A, axis=1, keepdims=True)  # noqa: E731
+    sims = norm(Q) @ norm(X).T
+    top = np.argsort(-sims, axis=1)[:, :7]
+    knn = FaissKNNClassifier(k=7, temperature=0.1).fit(X, y)
+    w = np.exp(np.take_along_axis(sims, top, 1) / 0.1)
+    expected = np.stack([[w[i][y[top[i]] == c].sum() for c in knn.classes_] for i in range(len(Q))])
+    np.testing.assert_allclose(knn.predict_proba(Q), expected / expected.sum(1, keepdims=True), rtol=1e-4)
+    majority = FaissKNNClassifier(k=7, vote="majority").fit(X, y)
+    counts = np.stack([[np.sum(y[top[i]] == c) for c in knn.classes_] for i in range(len(Q))])
+    np.testing.assert_allclose(majority.predict_proba(Q), counts / 7)
+    assert (majority.predict(Q) == knn.classes_[counts.argmax(1)])[counts.max(1) > 3].all()
+
+
+def test_carve_is_stratified_disjoint_and_seeded() -> None:
+    y = np.array(["a"] * 10 + ["b"] * 5 + ["c"])
+    a, b = carve_validation(y, 0.2, seed=3)
+    assert not set(a) & set(b) and len(a) + len(b) == len(y)
+    assert sorted(y[b]) == ["a", "a", "b"]  # c has one row: it stays in train
+    np.testing.assert_array_equal(b, carve_validation(y, 0.2, seed=3)[1])
+
+
+def test_hyperparameters_do_not_depend_on_evaluation_rows(tiny_store: Path) -> None:
+    sp = embedstore.open_store(tiny_store).space()
+    train = sp.splits == "train"
+    X = sp.vectors.astype(np.float32)
+    head = fit_head(X[train], sp.labels[train], model="logreg")
+    again = fit_head(X[train], sp.labels[train], model="logreg")
+    assert head.params == again.params and head.val_score is not None
+    assert (head.estimator.predict(X[~train]) == sp.labels[~train]).mean() >= 0.9
+    assert np.allclose(head.estimator.predict_proba(X[~train]).sum(1), 1)
+
+
+def test_metrics_balanced_accuracy_and_top5() -> None:
+    classes = [str(i) for i in range(7)]
+    y = np.array(["0"] * 8 + ["1"] * 2)
+    pred = np.array(["0"] * 8 + ["0", "1"])
+    proba = np.full((10, 7), 0.01)
+    proba[np.arange(10), [classes.index(p) for p in pred]] = 0.9
+    m = score_predictions(y, pred, proba, classes)
+    assert m["accuracy"] == pytest.approx(0.9)
+    assert m["balanced_accuracy"] == pytest.approx((1.0 + 0.5) / 2)
+    assert m["top5_accuracy"] == 1.0  # ties at 0.01 keep class 1 in the top 5 of row 8
+    assert "top5_accuracy" not in score_predictions(y, pred, proba[:, :2], classes[:2])
+
+
+def test_temperature_scaling_sharpens_underconfident_scores() -> None:
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 3, 300)
+    scores = rng.normal(0, 0.05, (300, 3))
+    scores[np.arange(300), codes] += 0.2  # right class always on top, by a small margin
+    t = fit_temperature(scores, codes)
+    assert t < 0.1  # softmax(scores / t) is confident where softmax(scores) is nearly uniform
+
+
+def test_unknown_names_are_refused() -> None:
+    with pytest.raises(ValueError, match="choose from"):
+        parse_models("logreg,xgboost")
+    assert parse_models("all") == list(MODELS)
+
+
+def test_confusion_picture_is_a_png(tmp_path: Path) -> None:
+    out = write_confusion_png(str(tmp_path / "cm.png"), [[5, 1], [0, 6]], ["ants", "bees"], "t")
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width > 100 and im.height > 100
+
+
+def test_cli_classify_json_table_and_picture(tiny_store: Path, tmp_path: Path) -> None:
+    png = tmp_path / "cm.png"
+    res = CliRunner().invoke(cli(), ["classify", str(tiny_store), "--models", "logreg,knn,centroid",
+                                     "--json", "--confusion", str(png)])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["protocol"] == "split"
+    assert [r["model"] for r in out["results"]] == ["logreg", "knn", "centroid"]
+    assert all(RESULT_KEYS <= set(r) for r in out["results"])
+    assert out["best"]["confusion_png"] == str(png) and png.stat().st_size > 0
+    res = CliRunner().invoke(cli(), ["classify", str(tiny_store), "--models", "knn-majority", "--no-confusion"])
+    assert res.exit_code == 0, res.output
+    assert "best:" in res.output and "knn-majority" in res.output and "recall" in res.output
+    res = CliRunner().invoke(cli(), ["classify", str(tmp_path / "missing.h5")])
+    assert res.exit_code == 1 and "embedstore embed" in res.output
+
+
+def test_pipeline_of_embedding_transformer_and_sklearn_head(collection: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import Normalizer
+
+    def files(split: str) -> tuple[list[str], list[str]]:
+        paths = sorted((collection / split).rglob("*.png"))
+        return [str(p) for p in paths], [p.parent.name for p in paths]
+
+    pipe = make_pipeline(embedstore.EmbeddingTransformer(TINY_BACKBONE, weights="random", workers=0),
+                         Normalizer(), LogisticRegression(C=10.0))
+    pipe.fit(*files("train"))
+    X_val, y_val = files("val")
+    assert (pipe.predict(X_val) == np.array(y_val)).mean() >= 0.9
