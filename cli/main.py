@@ -92,11 +92,24 @@ def backbones(as_json: bool) -> None:
 @click.option("--workers", default=None, type=click.IntRange(0), help="Decode worker processes. Default: from device and cores.")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Stored vector type.")
+@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="local: this process. ray: shards on a Ray cluster (pip install 'embedstore[ray]'), then merged.")
+@click.option("--address", default=None, help="Ray cluster: auto or ray://HOST:PORT. Default: a local Ray.")
+@click.option("--shards", default=None, type=click.IntRange(1, 99999),
+              help="Ray: number of shards (default 4 per worker).")
+@click.option("--gpus-per-worker", default=None, type=click.FloatRange(0),
+              help="Ray: GPUs per worker (default 1 if any, else 0).")
+@click.option("--cpus-per-worker", default=None, type=click.FloatRange(0, min_open=True),
+              help="Ray: CPUs per worker (default 1 with GPUs, else 2).")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Embed only shard I of N into STORE.shards/ (any scheduler); combine with `embedstore merge`.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def embed(path: str, store: str, backbone: str, weights: str | None, space: str | None, batch_size: int,
-          device: str, precision: str, workers: int | None, dtype: str, as_json: bool, quiet: bool) -> None:
+          device: str, precision: str, workers: int | None, dtype: str, engine: str, address: str | None,
+          shards: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None, shard: str | None,
+          as_json: bool, quiet: bool) -> None:
     """Embed the images under PATH (a folder or a CSV list) into an HDF5 store.
 
     \b
@@ -106,15 +119,23 @@ def embed(path: str, store: str, backbone: str, weights: str | None, space: str 
       list.csv                               path[,label[,split]] per row
     Re-running embeds only new or changed files. A killed run resumes where it stopped.
     Unreadable files are recorded as failures (see `embedstore info`) and the run goes on.
+    Scale-out: --engine ray runs shards on a Ray cluster; --shard I/N runs one shard here.
     """
     summary = embedstore.embed(path, store, backbone=backbone, weights=weights, space=space,
                                batch_size=batch_size, device=device, precision=precision,
-                               workers=workers, dtype=dtype, progress=not quiet)
+                               workers=workers, dtype=dtype, progress=not quiet, shard=shard, engine=engine,
+                               address=address, shards=shards, gpus_per_worker=gpus_per_worker,
+                               cpus_per_worker=cpus_per_worker)
     if as_json:
         emit_json(summary)
         return
+    if summary.get("shard_skipped"):
+        click.echo(f"shard {summary['shard']} is finished already ({summary['shard_file']}); "
+                   f"fold it in with: embedstore merge {store}")
+        return
+    target = summary.get("shard_file", summary["store"])
     click.echo(
-        f"{summary['store']}: space {summary['space']} ({summary['device']}, {summary['precision']}): "
+        f"{target}: space {summary['space']} ({summary['device']}, {summary['precision']}): "
         f"{summary['embedded']} embedded, {summary['skipped']} skipped, {summary['failed']} failed "
         f"of {summary['images']} images in {summary['seconds']:.1f}s ({summary['images_per_s']:.1f} images/s)"
     )
@@ -162,7 +183,7 @@ def demo(folder: str, backbone: str, per_class: int, as_json: bool) -> None:
     """Run the main job on a built-in example that needs no download.
 
     Renders scikit-learn's handwritten digits to PNG files (train/val splits), embeds them into
-    an HDF5 store with the default offline backbone, trains a linear probe on the cached
+    an HDF5 store with the default offline backbone, compares classifier heads on the cached
     vectors, and labels scikit-learn's two sample photos with the backbone's ImageNet head.
     """
     from embedstore import demo as d
@@ -194,7 +215,7 @@ def _register_commands() -> None:
         importlib.import_module(f"embedstore_cli.{module}").register(main)
 
 
-COMMAND_MODULES = ("classify_commands",)
+COMMAND_MODULES = ("classify_commands", "finetune_commands", "scale_commands")
 _register_commands()
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,17 +10,21 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tqdm.auto import tqdm
 
-from .backbones import DEFAULT_BACKBONE, default_space_name, load_backbone
+from .backbones import DEFAULT_BACKBONE, Backbone, default_space_name, load_backbone
 from .data import ImageItem, discover
 from .embedding import Embedder, iter_embeddings
 from .store import Batch, Store, StoreWriter, check_space_compatible, failure_keys
 from .utils import hash_file, timed
 
+if TYPE_CHECKING:
+    from .distributed import ShardJob
+
 STORE_DTYPES = ("float16", "float32")
+ENGINES = ("local", "ray")
 
 
 def plan(items: list[ImageItem], store: Store | None, space: str) -> tuple[list[ImageItem], int, int]:
@@ -66,6 +70,14 @@ def embed(
     workers: int | None = None,
     dtype: str = "float16",
     progress: bool = True,
+    shard: tuple[int, int] | str | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    shards: int | None = None,
+    gpus_per_worker: float | None = None,
+    cpus_per_worker: float | None = None,
+    discovered: tuple[str, Sequence[ImageItem]] | None = None,
+    preloaded: Backbone | None = None,
 ) -> dict[str, Any]:
     """Embed a folder or CSV list of images into an HDF5 store; returns a summary dict.
 
@@ -82,7 +94,29 @@ def embed(
         workers: decode worker processes (default: derived from the device and cores).
         dtype: stored vector type, ``float16`` (default) or ``float32``.
         progress: show a progress bar on stderr.
+        shard: ``(i, n)`` or ``"i/n"``: embed only shard i of n (a stable hash of each relative
+            path picks its shard) into ``store``'s shard file, published when complete; finished
+            shards are skipped. Combine shard files with :func:`embedstore.distributed.merge`.
+        engine: ``local`` (this process) or ``ray`` (shards on a Ray cluster, then merged).
+        address, shards, gpus_per_worker, cpus_per_worker: Ray engine options, see
+            :func:`embedstore.distributed.embed_ray`.
+        discovered: ``(root, items)`` as returned by ``discover(source)``, when already listed.
+        preloaded: the loaded backbone for ``backbone``/``weights`` (workers reuse one per process).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+    if engine == "ray":
+        if shard is not None:
+            raise ValueError("--shard runs one shard in this process; it cannot be combined with --engine ray")
+        from .distributed import embed_ray
+
+        return embed_ray(source, store, address=address, shards=shards, gpus_per_worker=gpus_per_worker,
+                         cpus_per_worker=cpus_per_worker, backbone=backbone, weights=weights, space=space,
+                         batch_size=batch_size, device=device, precision=precision, workers=workers,
+                         dtype=dtype, progress=progress)
+    if (address, shards, gpus_per_worker, cpus_per_worker) != (None, None, None, None):
+        raise ValueError("address, shards, gpus_per_worker and cpus_per_worker need engine='ray' (--engine ray); "
+                         "to run one shard here use shard=(i, n) (--shard I/N)")
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype must be one of {STORE_DTYPES}, not {dtype!r}")
     if batch_size < 1:
@@ -90,16 +124,29 @@ def embed(
     stages: dict[str, float] = {}
     t_start = time.perf_counter()
     with timed(stages, "discover"):
-        root, items = discover(source)
-    with StoreWriter(store, root=root) as writer:
+        root, items = discovered if discovered is not None else discover(source)
+        items = list(items)
+    space = space or default_space_name(backbone, weights)
+    job: ShardJob | None = None
+    if shard is not None:
+        from .distributed import prepare_shard
+
+        job = prepare_shard(store, root, items, shard, space)
+        if job.done:
+            return job.skipped_summary(backbone)
+        root, items = job.root, job.items
+    with StoreWriter(job.work if job is not None else store, root=root) as writer:
         with timed(stages, "load_backbone"):
-            bb = load_backbone(backbone, weights)
+            if preloaded is not None and preloaded.name != backbone:
+                raise ValueError(f"preloaded backbone is {preloaded.name!r}, not {backbone!r}")
+            bb = preloaded if preloaded is not None else load_backbone(backbone, weights)
             embedder = Embedder(bb, device=device, precision=precision)
-        space = space or default_space_name(backbone, weights)
         attrs = {**bb.space_attrs(), "dtype": dtype, "precision": embedder.precision, "device": embedder.device.type}
         with timed(stages, "plan"):
             snapshot = writer.snapshot()
             prev = snapshot.spaces.get(space) if snapshot is not None else None
+            if prev is None and job is not None and job.base is not None:
+                prev = job.base.spaces.get(space)  # a shard extends the target store's space
             if prev is not None:
                 check_space_compatible(prev.attrs, attrs, space)
                 attrs["dtype"] = prev.attrs.get("dtype", dtype)
@@ -107,6 +154,9 @@ def embed(
             if snapshot is not None and snapshot.root and snapshot.root != root:
                 items = [_rebase(it, snapshot.root) for it in items]
             todo, unchanged, known_failed = plan(items, snapshot, space)
+            if job is not None and job.base is not None:  # skip what the target store already has
+                todo, more_unchanged, more_failed = plan(todo, job.base, space)
+                unchanged, known_failed = unchanged + more_unchanged, known_failed + more_failed
         embedded = failed = 0
         bar = tqdm(total=len(todo), unit="img", desc=f"embed {space}", disable=not progress, file=sys.stderr)
         t_embed = time.perf_counter()
@@ -131,7 +181,10 @@ def embed(
         embed_seconds = time.perf_counter() - t_embed
         with timed(stages, "write"):
             writer.consolidate()
+            if job is not None:
+                job.publish()
     seconds = time.perf_counter() - t_start
+    extra = {"shard": f"{job.index}/{job.count}", "shard_file": str(job.final), "shard_skipped": False} if job else {}
     return {
         "store": str(store),
         "space": space,
@@ -148,6 +201,7 @@ def embed(
         "seconds": round(seconds, 3),
         "images_per_s": round((embedded + failed) / embed_seconds, 2) if embed_seconds > 0 and todo else 0.0,
         "stages": {k: round(v, 3) for k, v in stages.items()},
+        **extra,
     }
 
 

@@ -27,10 +27,11 @@ import io
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import h5py
 import numpy as np
@@ -532,6 +533,31 @@ class StoreWriter:
             failures=batch.failures,
         )
 
+    def adopt(self, source: str | os.PathLike) -> None:
+        """Publish a complete store file (e.g. a finished shard) as the next journal part.
+
+        The file is hard-linked (copied across file systems) under a temporary name and renamed
+        into the journal, so it is applied like any committed batch: later rows win.
+        """
+        source = Path(source)
+        with h5py.File(source, "r", locking=False) as f:
+            if f.attrs.get("format") != FORMAT:
+                raise StoreError(f"{source} is not an embedstore file: only shard or store files can be merged")
+        jdir = journal_dir(self.path)
+        jdir.mkdir(exist_ok=True)
+        self._seq += 1
+        dest = jdir / f"part-{self._seq:010d}.h5"
+        tmp = jdir / f".{dest.name}.tmp-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+        _fsync_dir(jdir)
+
     def _file_attrs(self) -> dict[str, Any]:
         root = self.root
         if self.path.exists():
@@ -574,8 +600,3 @@ def failure_keys(store: Store | None) -> dict[tuple[str, str], tuple[int, float]
         return {}
     return {(f["path"], f["space"]): (int(f["size"]), float(f["mtime"])) for f in store.failures}
 
-
-def iter_rows(store: Store, columns: Iterable[str] = IMAGE_COLUMNS) -> Iterable[dict[str, Any]]:
-    cols = list(columns)
-    for i in range(store.n_images):
-        yield {c: store.images[c][i] for c in cols}

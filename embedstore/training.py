@@ -1,0 +1,321 @@
+"""Building blocks of the fine-tune stage: stages to unfreeze, optimiser groups, one epoch, checkpoints.
+
+Kept free of store logic so that each piece can be read and tested alone; ``finetune.py`` puts
+them together.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import ImageItem, ImageReader, collate
+from .embedding import _DTYPES
+
+
+# --------------------------------------------------------------------------- which layers train
+
+
+def stage_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """The model's parameters grouped into stages, input to output: ``[(label, [param names])]``.
+
+    timm models use their own coarse grouping (``model.group_matcher(coarse=True)``: stem, each
+    stage of blocks, the final conv/norm); other models (torchvision) fall back to their top-level
+    children in registration order.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if hasattr(model, "group_matcher"):
+        grouped = timm.models.group_parameters(model, model.group_matcher(coarse=True))
+        groups = [grouped[k] for k in sorted(grouped)]
+    else:
+        order: dict[str, list[str]] = {}
+        for n in names:
+            order.setdefault(n.split(".", 1)[0], []).append(n)
+        groups = list(order.values())
+    groups = [g for g in groups if g]
+    heads = [n.split(".", 1)[0] for g in groups for n in g]
+    shared = {h for h in heads if sum(any(n.split(".", 1)[0] == h for n in g) for g in groups) > 1}
+
+    def label(group: list[str]) -> str:
+        seen: dict[str, None] = {}
+        for n in group:
+            parts = n.split(".")
+            seen[".".join(parts[:2]) if parts[0] in shared else parts[0]] = None
+        return "+".join(seen)
+
+    return [(label(g), g) for g in groups]
+
+
+def unfreeze_last(model: nn.Module, n: int) -> tuple[list[str], list[str]]:
+    """Freeze every parameter, then unfreeze the last ``n`` stages; returns (trained, frozen) stage labels."""
+    groups = stage_groups(model)
+    if not 1 <= n <= len(groups):
+        raise ValueError(f"unfreeze must be 1..{len(groups)} (this backbone has {len(groups)} stages: "
+                         f"{', '.join(g for g, _ in groups)}), not {n}")
+    params = dict(model.named_parameters())
+    model.requires_grad_(False)
+    for _, names in groups[-n:]:
+        for name in names:
+            params[name].requires_grad_(True)
+    return [g for g, _ in groups[-n:]], [g for g, _ in groups[:-n]]
+
+
+def set_train_mode(model: nn.Module, train_bn: bool = False) -> None:
+    """Train mode for the unfrozen part only: frozen layers (batch norm included) stay in eval mode.
+
+    Batch norm in the unfrozen stages keeps its running statistics too unless ``train_bn``: its
+    scale and shift still train, but the features the linear-probe head was fitted on stay exact
+    at the start, and training computes the same function that evaluation and embedding use
+    (with small batches and a few hundred steps, running statistics would not settle).
+    """
+    model.train()
+    for module in model.modules():  # parents before children
+        own = list(module.parameters(recurse=False))
+        if own or list(module.buffers(recurse=False)):
+            if not any(p.requires_grad for p in own):
+                module.training = False
+        elif next(module.parameters(), None) is not None and not any(p.requires_grad for p in module.parameters()):
+            module.train(False)  # a wholly frozen subtree, parameter-free children included
+    if not train_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.training = False
+
+
+def param_groups(model: nn.Module, head: nn.Module, lr: float, layer_decay: float,
+                 weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups with layer-wise learning-rate decay over stages (head: ``lr``; k-th stage below: ``lr * decay**k``).
+
+    Biases and norm parameters (1-D) get no weight decay, as in timm's ``param_groups_layer_decay``.
+    """
+    out: list[dict[str, Any]] = []
+
+    def add(params: list[nn.Parameter], scale: float) -> None:
+        for decay, ps in ((weight_decay, [p for p in params if p.ndim > 1]), (0.0, [p for p in params if p.ndim <= 1])):
+            if ps:
+                out.append({"params": ps, "lr": lr * scale, "base_lr": lr * scale, "lr_scale": scale,
+                            "weight_decay": decay})
+
+    add(list(head.parameters()), 1.0)
+    params = dict(model.named_parameters())
+    trained = [names for _, names in stage_groups(model) if params[names[0]].requires_grad]
+    for depth, names in enumerate(reversed(trained), start=1):
+        add([params[n] for n in names], layer_decay ** depth)
+    return out
+
+
+def cosine_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --------------------------------------------------------------------------- data and one epoch
+
+
+def train_transform(data_config: dict[str, Any]) -> Any:
+    """timm's training augmentation for a space's recorded data config, stopping at uint8 (normalised on device).
+
+    RandomResizedCrop (scale 0.25-1, milder than ImageNet's 0.08 for a few epochs on small sets),
+    horizontal flip and colour jitter 0.4.
+    """
+    return timm.data.create_transform(
+        input_size=tuple(data_config["input_size"]), is_training=True, interpolation=data_config["interpolation"],
+        mean=tuple(data_config["mean"]), std=tuple(data_config["std"]), scale=(0.25, 1.0), normalize=False)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (augmentation in the main process, dropout); return a loader generator."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def loader(items: Sequence[ImageItem], transform: Any, batch_size: int, workers: int, min_size: int | None,
+           generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    """Batches of (read results, uint8 images); shuffled (and the last short batch dropped) when a generator is given."""
+    shuffle = generator is not None
+    return torch.utils.data.DataLoader(
+        ImageReader(items, transform, min_size), batch_size=batch_size, shuffle=shuffle, generator=generator,
+        drop_last=shuffle and len(items) > batch_size, num_workers=workers, collate_fn=collate,
+        prefetch_factor=2 if workers else None)
+
+
+class ProbeHead(nn.Module):
+    """The new classifier: features L2-normalised, standardised with fixed train statistics, then a linear layer.
+
+    Keeping the standardisation outside the trained weights gives the optimiser well-scaled
+    coordinates whatever the feature scale of the backbone.
+    """
+
+    def __init__(self, mean: np.ndarray, scale: np.ndarray, weight: np.ndarray, bias: np.ndarray):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+            self.linear.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        unit = nn.functional.normalize(features.float(), dim=1, eps=1e-12)
+        return self.linear((unit - self.mean) / self.scale)
+
+
+class Network(nn.Module):
+    """Backbone plus linear head, fed uint8 images (normalised here, channels-last, under autocast)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, data_config: dict[str, Any], precision: str):
+        super().__init__()
+        self.backbone, self.head, self.precision = backbone, head, precision
+        self.register_buffer("mean", torch.tensor(data_config["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(data_config["std"]).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = ((images.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=_DTYPES.get(self.precision), enabled=self.precision != "fp32"):
+            features = self.backbone(x)
+        return self.head(features.float())
+
+
+def _targets(results: list[Any], codes: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(codes[[r.index for r in results if not r.error]], device=device)
+
+
+def train_epoch(net: Network, batches: torch.utils.data.DataLoader, codes: np.ndarray, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler | None, step: int, total: int, warmup: int, desc: str,
+                progress: bool, train_bn: bool = False) -> tuple[int, float, int]:
+    """One pass over the training images; returns (next step, mean loss, images seen)."""
+    device = net.mean.device
+    set_train_mode(net.backbone, train_bn)
+    net.head.train()
+    loss_sum, seen = 0.0, 0
+    bar = tqdm(batches, desc=desc, unit="batch", file=sys.stderr, disable=not progress, leave=False)
+    for results, images in bar:
+        if images is None:
+            continue
+        factor = cosine_factor(step, total, warmup)
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        y = _targets(results, codes, device)
+        loss = nn.functional.cross_entropy(net(images.to(device, non_blocking=True)), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        step += 1
+        loss_sum += float(loss.detach()) * len(y)
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+    bar.close()
+    return step, loss_sum / max(1, seen), seen
+
+
+@torch.inference_mode()
+def evaluate(net: Network, batches: torch.utils.data.DataLoader, codes: np.ndarray) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) in eval mode; unreadable images count as wrong."""
+    net.eval()
+    device = net.mean.device
+    correct, loss_sum = 0, 0.0
+    for results, images in batches:
+        if images is None:
+            continue
+        y = _targets(results, codes, device)
+        logits = net(images.to(device))
+        correct += int((logits.argmax(1) == y).sum())
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+    n = len(codes)
+    return correct / n, loss_sum / n
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    """Write a .safetensors file atomically (temporary file, fsync, rename); return its sha256."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    _replace(tmp, path)
+    return sha256_file(path)
+
+
+def save_checkpoint(folder: Path, epoch: int, net: Network, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None, state: dict[str, Any]) -> None:
+    """Epoch checkpoint: weights (.safetensors), optimiser state (.pt), then ``state.json`` naming both.
+
+    ``state`` (settings, history, best epoch) is updated in place with the file names and checksums.
+
+    ``state.json`` is replaced last, so it always points at complete files; files of epochs that
+    are neither the latest nor the best are deleted afterwards.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"epoch-{epoch:03d}"
+    weights_sha = save_weights({f"backbone.{k}": v for k, v in net.backbone.state_dict().items()}
+                               | {f"head.{k}": v for k, v in net.head.state_dict().items()}, folder / f"{stem}.safetensors")
+    tmp = folder / f".{stem}.pt.tmp-{os.getpid()}"
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None}, tmp)
+    _replace(tmp, folder / f"{stem}.pt")
+    state.update(epoch=epoch, weights=f"{stem}.safetensors", weights_sha256=weights_sha, optimizer=f"{stem}.pt",
+                 optimizer_sha256=sha256_file(folder / f"{stem}.pt"))
+    tmp = folder / f".state.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(state, indent=2))
+    _replace(tmp, folder / "state.json")
+    keep = {f"{stem}.safetensors", f"{stem}.pt", f"epoch-{state['best']['epoch']:03d}.safetensors"}
+    for old in folder.glob("epoch-*"):
+        if old.name not in keep:
+            old.unlink(missing_ok=True)
+
+
+def read_state(folder: Path) -> dict[str, Any] | None:
+    path = folder / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_net_weights(net: Network, path: Path, expected_sha256: str | None = None) -> None:
+    """Load an epoch's backbone and head weights, refusing a file whose checksum differs."""
+    if expected_sha256 and sha256_file(path) != expected_sha256:
+        raise ValueError(f"checkpoint {path} does not match its checksum in state.json (damaged?): "
+                         "delete its folder or pass --restart to train again")
+    tensors = load_file(str(path))
+    net.backbone.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")})
+    net.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+
+
+def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    if scaler is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
