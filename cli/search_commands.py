@@ -1,0 +1,188 @@
+"""``embedstore index``, ``embedstore search`` and ``embedstore duplicates``: thin layers over
+:mod:`embedstore.index` and :mod:`embedstore.search`. Add them to a group with ``register(group)``."""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+from typing import Any, Callable
+
+import click
+
+from embedstore.backbones import BackboneError
+from embedstore.data import CollectionError
+from embedstore.index import KINDS, build_index
+from embedstore.search import duplicates, search
+from embedstore.store import StoreError
+
+KNOWN_ERRORS = (StoreError, BackboneError, CollectionError, FileNotFoundError, ValueError, RuntimeError)
+
+
+def _friendly(fn: Callable) -> Callable:
+    """The library's errors become one clear line and exit status 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KNOWN_ERRORS as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+def _emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _table(rows: list[list[Any]], header: list[str], indent: str = "  ") -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def _notes(notes: list[str]) -> None:
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+
+
+@click.command("index")
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option("--space", help="Embedding space (default: the store's first).")
+@click.option("--kind", default="auto", show_default=True,
+              help=f"{'|'.join(KINDS)}, or a faiss factory string such as 'IVF256,SQ8'.")
+@click.option("--memory", default="4G", show_default=True,
+              help="Memory budget of the index (auto and ivf-pq keep to it).")
+@click.option("--target-recall", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="recall@10 against exact search that nprobe / efSearch are tuned to reach.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="cuda needs faiss's GPU build: pip install 'embedstore[gpu]'.")
+@click.option("--rebuild", is_flag=True, help="Build from scratch instead of adding new rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sidecar as JSON.")
+@_friendly
+def index_command(store: str, space: str | None, kind: str, memory: str, target_recall: float, device: str,
+                  rebuild: bool, as_json: bool) -> None:
+    """Build or update the FAISS index of a store's space (cosine similarity).
+
+    \b
+    auto picks by size and --memory: Flat below 20k vectors, HNSW32 below 100k,
+    IVF with fast-scan PQ codes re-ranked exactly above, OPQ+IVF+PQ when only
+    compressed codes fit. nprobe / efSearch are tuned until recall@10 on held-out
+    queries reaches --target-recall. Saved in STORE.index/ with a JSON sidecar.
+    Run it again after `embedstore embed`: only new or changed rows are added.
+    """
+    info = build_index(store, space=space, kind=kind, memory=memory, target_recall=target_recall,
+                       device=device, rebuild=rebuild)
+    if as_json:
+        _emit_json(info)
+        return
+    params = ", ".join(f"{k}={v}" for k, v in info["params"].items()) or "exact"
+    what = {"full": f"built in {info['build_seconds']:.1f}s",
+            "incremental": f"updated (+{info['added']} -{info['removed']} rows) in {info['build_seconds']:.1f}s",
+            "unchanged": "already up to date"}[info["mode"]]
+    click.echo(f"{store}: space {info['space']}: {info['factory']} over {info['rows']} rows {what} ({params})")
+    click.echo(f"  recall@10 {info['recall_at_10']:.3f} (target {info['target_recall']}), single query "
+               f"p50 {info['latency_p50_ms']:.2f} ms, p99 {info['latency_p99_ms']:.2f} ms, "
+               f"{info['bytes'] / 2**20:.1f} MiB -> {info['index_file']}")
+    _notes(info.get("notes", []))
+
+
+@click.command("search")
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("more_images", nargs=-1, metavar="[IMG]...", type=click.Path(exists=True))
+@click.option("--query", "-q", "images", multiple=True, type=click.Path(exists=True),
+              help="Query image or folder of images; more images may follow (--query a.jpg b.jpg).")
+@click.option("--row", "rows", multiple=True, type=int, help="Query with the stored vector of this store row.")
+@click.option("--path", "paths", multiple=True, help="Query with the stored vector of this image path.")
+@click.option("-k", default=10, show_default=True, type=click.IntRange(1), help="Neighbours per query.")
+@click.option("--space", help="Embedding space (default: the store's first).")
+@click.option("--where", multiple=True, help="Only images with label=NAME or split=NAME (repeatable).")
+@click.option("--exact", is_flag=True, help="Search exactly even when an index exists.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write every result to FILE.csv or FILE.json.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"results": [[{path, score, row, label}, ...], ...]}.')
+@_friendly
+def search_command(store: str, more_images: tuple[str, ...], images: tuple[str, ...], rows: tuple[int, ...],
+                   paths: tuple[str, ...], k: int, space: str | None, where: tuple[str, ...], exact: bool,
+                   out: str | None, as_json: bool) -> None:
+    """Find the images most similar to query images, store rows or stored paths.
+
+    Query images are embedded with the space's own backbone and preprocessing (refused when
+    the weights differ from the ones that built the space). Without an index the search is
+    exact, and says so. A folder of queries writes one CSV (or --out FILE.json) of results.
+    """
+    images = images + more_images
+    if sum(bool(x) for x in (images, rows, paths)) != 1:
+        raise click.UsageError("give one kind of query: --query IMG..., --row N or --path P")
+    result = search(store, images=list(images) or None, rows=list(rows) or None, paths=list(paths) or None,
+                    k=k, space=space, where=list(where), exact=exact)
+    folders = [p for p in images if os.path.isdir(p)]
+    if out is None and folders:
+        out = f"{os.path.basename(os.path.normpath(folders[0])) or 'queries'}-search.csv"
+    if out:
+        _write_results(out, result)
+        click.echo(f"wrote {len(result['results'])} queries' results to {out}", err=True)
+    if as_json:
+        _emit_json(result)
+    elif not out:
+        _print_results(result)
+    _notes(result["notes"] + (["exact search"] if result["exact"] and not result["notes"] else []))
+
+
+def _print_results(result: dict[str, Any]) -> None:
+    for q, hits in zip(result["queries"], result["results"]):
+        click.echo(f"query {q['query']}" + (f" (row {q['row']})" if "row" in q else ""))
+        if q.get("error"):
+            click.echo(f"  cannot read it: {q['error']}")
+            continue
+        click.echo(_table([[i + 1, f"{h['score']:.4f}", h["row"], h["label"], h["path"]] for i, h in enumerate(hits)],
+                          ["rank", "score", "row", "label", "path"]))
+
+
+def _write_results(out: str, result: dict[str, Any]) -> None:
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    if out.lower().endswith(".json"):
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+        return
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["query", "rank", "path", "score", "row", "label", "error"])
+        for q, hits in zip(result["queries"], result["results"]):
+            if q.get("error"):
+                w.writerow([q["query"], "", "", "", "", "", q["error"]])
+            for i, h in enumerate(hits):
+                w.writerow([q["query"], i + 1, h["path"], h["score"], h["row"], h["label"], ""])
+
+
+@click.command("duplicates")
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option("--threshold", default=0.95, show_default=True, type=click.FloatRange(-1, 1),
+              help="Cosine similarity at or above which two images count as duplicates.")
+@click.option("-k", default=10, show_default=True, type=click.IntRange(1),
+              help="Neighbours per image in the k-NN graph.")
+@click.option("--space", help="Embedding space (default: the store's first).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def duplicates_command(store: str, threshold: float, k: int, space: str | None, as_json: bool) -> None:
+    """Groups of near-duplicate images, from the index's k-NN graph (connected components)."""
+    result = duplicates(store, threshold=threshold, k=k, space=space)
+    if as_json:
+        _emit_json(result)
+        return
+    groups = result["groups"]
+    click.echo(f"{len(groups)} groups of near-duplicates ({result['in_groups']} of {result['images']} images, "
+               f"cosine >= {threshold})")
+    for i, g in enumerate(groups, 1):
+        click.echo(f"group {i}: {g['size']} images, lowest linking cosine {g['min_score']:.4f}")
+        for m in g["members"]:
+            click.echo(f"  {m['row']:>8}  {m['label'] or '-':<16} {m['path']}")
+    _notes(result["notes"])
+
+
+def register(group: click.Group) -> None:
+    """Add ``index``, ``search`` and ``duplicates`` to a click group (the ``embedstore`` command)."""
+    group.add_command(index_command, "index")
+    group.add_command(search_command, "search")
+    group.add_command(duplicates_command, "duplicates")

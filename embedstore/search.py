@@ -1,0 +1,338 @@
+"""Similarity search and near-duplicate groups over a store's embedding space.
+
+Queries are images (embedded with the space's own backbone and preprocessing, refused when the
+weights differ from the recorded checksum), store rows, or stored paths. With an index
+(``embedstore index``) the search is approximate at the recall it was tuned for; without one it
+is exact, and the result says so. Scores are cosine similarities.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+
+from .backbones import load_space_backbone
+from .data import ImageItem, discover, image_extensions
+from .embedding import Embedder, embed_items
+from .index import (IndexFileError, LoadedIndex, exact_knn, index_files, iter_chunks, load_index, normalized,
+                    omp_threads, vector_fingerprints)
+from .store import Space, Store, open_store
+from .utils import timed
+
+WHERE_KEYS = ("label", "split")
+FILTER_EXACT_MAX = 100_000  # filtered queries over at most this many rows are answered exactly
+DUPLICATES_EXACT_MAX = 20_000  # duplicates without an index: exact k-NN up to this many rows
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def parse_where(where: str | Sequence[str] | None) -> dict[str, str]:
+    """``["label=cat", "split=val"]`` -> ``{"label": "cat", "split": "val"}`` (all must hold)."""
+    if not where:
+        return {}
+    out = {}
+    for clause in [where] if isinstance(where, str) else where:
+        key, sep, value = clause.partition("=")
+        if not sep or key.strip() not in WHERE_KEYS:
+            raise ValueError(f"cannot read --where {clause!r}: use label=NAME or split=NAME")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def expand_images(images: Sequence[str | os.PathLike]) -> list[str]:
+    """Query image files; a folder stands for every image under it."""
+    out: list[str] = []
+    for p in images:
+        p = str(p)
+        if os.path.isdir(p):
+            out.extend(it.path for it in discover(p)[1])
+        elif os.path.exists(p):
+            out.append(os.path.abspath(p))
+        else:
+            raise FileNotFoundError(f"query image {p} does not exist")
+    if not out:
+        exts = ", ".join(sorted(image_extensions())[:8])
+        raise FileNotFoundError(f"no query images in {', '.join(map(str, images))} (looked for {exts}, ...)")
+    return out
+
+
+def embed_images(space: Space, images: Sequence[str], device: str = "auto",
+                 batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
+    """Embed images with the space's backbone; (normalised vectors, error or None per image).
+
+    Raises ``BackboneError`` when this machine's weights differ from the ones that built the space.
+    """
+    embedder = Embedder(load_space_backbone(space.attrs), device=device)
+    vectors, results = embed_items([ImageItem(p, p) for p in images], embedder, batch_size, workers=0)
+    errors: list[str | None] = [None] * len(images)
+    for r in results:
+        if r.error:
+            errors[r.index] = f"{r.error}: {r.message}"
+    vectors = np.nan_to_num(vectors, nan=0.0).astype(np.float32)
+    faiss.normalize_L2(vectors)
+    return vectors, errors
+
+
+def row_positions(space: Space, rows: Sequence[int]) -> np.ndarray:
+    """Positions in the space of store rows, refusing rows the space lacks."""
+    rows = np.asarray(rows, np.int64)
+    pos = np.searchsorted(space.rows, rows)
+    bad = [int(r) for r, p in zip(rows, pos) if p >= len(space.rows) or space.rows[p] != r]
+    if bad:
+        raise ValueError(f"row {bad[0]} is not in space {space.name!r}: rows are the store's image rows "
+                         "(see `embedstore search --json` output or the images table)")
+    return pos
+
+
+def path_rows(store: Store, paths: Sequence[str]) -> list[int]:
+    """Store rows of stored paths (as stored, or absolute paths inside the store's root)."""
+    where = {p: i for i, p in enumerate(store.images["path"])}
+    rows = []
+    for p in paths:
+        rel = os.path.relpath(os.path.abspath(p), store.root) if os.path.isabs(p) and store.root else p
+        row = where.get(p, where.get(rel))
+        if row is None:
+            raise ValueError(f"{p} is not in {store.path}: give a path as stored (relative to {store.root}) "
+                             "or use --query to embed a new image")
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- searching
+
+
+def _open(store: str | os.PathLike | Store, space: str | None) -> tuple[Store, Space]:
+    st = store if isinstance(store, Store) else open_store(store)
+    return st, st.space(space)
+
+
+def _index_or_none(st: Store, sp: Space, notes: list[str]) -> LoadedIndex | None:
+    """The space's index, None (with a note) when none was built; corrupt files raise."""
+    files = index_files(st.path, sp.name)
+    if not files.sidecar.exists() and not files.index.exists():
+        notes.append(f"no index for space {sp.name!r}: exact search over {len(sp)} vectors "
+                     f"(build one with `embedstore index {st.path} --space {sp.name}`)")
+        return None
+    loaded = load_index(st, sp.name)
+    same_rows = np.array_equal(loaded.rows, sp.rows)
+    if not same_rows or not np.array_equal(loaded.fingerprints, vector_fingerprints(sp.vectors)):
+        notes.append(f"the index of space {sp.name!r} is out of date ({len(loaded.rows)} vectors indexed, "
+                     f"{len(sp)} in the store, changed ones included): run `embedstore index {st.path} "
+                     f"--space {sp.name}` to bring it up to date")
+    return loaded
+
+
+def _filter_positions(sp: Space, where: dict[str, str]) -> np.ndarray | None:
+    if not where:
+        return None
+    keep = np.ones(len(sp), bool)
+    if "label" in where:
+        keep &= np.asarray(sp.labels == where["label"], bool)
+    if "split" in where:
+        keep &= np.asarray(sp.splits == where["split"], bool)
+    return np.flatnonzero(keep)
+
+
+def knn(sp: Space, queries: np.ndarray, k: int, index: LoadedIndex | None,
+        positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, store rows) of normalised queries: by the index when there is one.
+
+    A filter (``positions``) over at most FILTER_EXACT_MAX rows is answered exactly; a larger one
+    asks the index for enough extra candidates, falling back to exact search for queries that
+    still come back short.
+    """
+    if positions is not None and (index is None or len(positions) <= FILTER_EXACT_MAX):
+        return exact_knn(queries, sp.vectors, sp.rows, k, positions)
+    if index is None:
+        return exact_knn(queries, sp.vectors, sp.rows, k)
+    if positions is None:
+        with omp_threads(1 if len(queries) == 1 else faiss.omp_get_max_threads()):
+            return index.index.search(queries, k)
+    allowed = sp.rows[positions]
+    wanted = min(len(sp), int(np.ceil(k * len(sp) / max(1, len(positions)) * 2)))
+    scores, rows = index.index.search(queries, wanted)
+    out_s = np.full((len(queries), k), -np.inf, np.float32)
+    out_r = np.full((len(queries), k), -1, np.int64)
+    for i in range(len(queries)):
+        ok = np.isin(rows[i], allowed)
+        got_s, got_r = scores[i][ok][:k], rows[i][ok][:k]
+        if len(got_r) < min(k, len(allowed)):
+            got_s, got_r = (a[0] for a in exact_knn(queries[i : i + 1], sp.vectors, sp.rows, k, positions))
+        out_s[i, : len(got_s)], out_r[i, : len(got_r)] = got_s, got_r
+    return out_s, out_r
+
+
+def _hits(sp: Space, scores: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
+    valid = rows >= 0
+    pos = np.searchsorted(sp.rows, rows[valid])
+    return [
+        {"path": str(sp.paths[p]), "score": round(float(s), 6), "row": int(r), "label": str(sp.labels[p])}
+        for s, r, p in zip(scores[valid], rows[valid], pos)
+        if p < len(sp.rows) and sp.rows[p] == r  # a stale index may return rows the space no longer has
+    ]
+
+
+def search(store: str | os.PathLike | Store, *, images: Sequence[str] | None = None,
+           rows: Sequence[int] | None = None, paths: Sequence[str] | None = None,
+           vectors: np.ndarray | None = None, k: int = 10, space: str | None = None,
+           where: str | Sequence[str] | None = None, exact: bool = False, device: str = "auto") -> dict[str, Any]:
+    """Nearest neighbours by cosine similarity of query images, store rows, stored paths or vectors.
+
+    Args:
+        store: the ``.h5`` store (path or open ``Store``).
+        images: query image files or folders (embedded with the space's backbone).
+        rows: store rows whose stored vectors are the queries.
+        paths: stored image paths whose vectors are the queries.
+        vectors: raw query vectors of the space's dimension.
+        k: neighbours per query.
+        space: embedding space (default: the store's first).
+        where: filters such as ``"label=cat"`` or ``["split=val"]`` (all must hold).
+        exact: ignore the index and search exactly.
+        device: where query images are embedded.
+
+    Returns ``{"results": [[{"path", "score", "row", "label"}, ...], ...], "queries": [...],
+    "exact": bool, "index": {...} or None, "notes": [...], "stages": {...}}``, one result list per
+    query; a query image that cannot be read gets an empty list and an ``error`` in ``queries``.
+    """
+    if sum(x is not None for x in (images, rows, paths, vectors)) != 1:
+        raise ValueError("give exactly one kind of query: images, rows, paths or vectors")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, not {k}")
+    stages: dict[str, float] = {}
+    notes: list[str] = []
+    filters = parse_where(where)
+    with timed(stages, "open_store"):
+        st, sp = _open(store, space)
+    with timed(stages, "queries"):
+        q, described = _queries(st, sp, images, rows, paths, vectors, device)
+    with timed(stages, "load_index"):
+        index = None if exact else _index_or_none(st, sp, notes)
+    positions = _filter_positions(sp, filters)
+    with timed(stages, "search"):
+        ok = np.array([d.get("error") is None for d in described], bool)
+        scores, found = knn(sp, q[ok], k, index, positions) if ok.any() else (np.empty((0, k)), np.empty((0, k)))
+    results: list[list[dict[str, Any]]] = [[] for _ in described]
+    for i, s, r in zip(np.flatnonzero(ok), scores, found):
+        results[i] = _hits(sp, s, r)
+    exact_used = index is None or (positions is not None and len(positions) <= FILTER_EXACT_MAX)
+    return {
+        "results": results,
+        "queries": described,
+        "space": sp.name,
+        "k": k,
+        "where": filters,
+        "exact": bool(exact_used),
+        "index": None if index is None else {key: index.info.get(key) for key in ("kind", "factory", "params",
+                                                                                   "recall_at_10")},
+        "notes": notes,
+        "stages": {key: round(v, 4) for key, v in stages.items()},
+    }
+
+
+def _queries(st: Store, sp: Space, images: Sequence[str] | None, rows: Sequence[int] | None,
+             paths: Sequence[str] | None, vectors: np.ndarray | None,
+             device: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    if images is not None:
+        files = expand_images(images)
+        q, errors = embed_images(sp, files, device=device)
+        return q, [{"query": f, "error": e} if e else {"query": f} for f, e in zip(files, errors)]
+    if vectors is not None:
+        q = np.atleast_2d(np.asarray(vectors, np.float32))
+        if q.shape[1] != sp.dim:
+            raise ValueError(f"query vectors have dimension {q.shape[1]}, space {sp.name!r} has {sp.dim}")
+        return normalized(q), [{"query": f"vector {i}"} for i in range(len(q))]
+    if paths is not None:
+        rows = path_rows(st, paths)
+    pos = row_positions(sp, rows)
+    return normalized(sp.vectors, pos), [{"query": str(sp.paths[p]), "row": int(sp.rows[p])} for p in pos]
+
+
+# --------------------------------------------------------------------------- duplicates
+
+
+def duplicates(store: str | os.PathLike | Store, *, threshold: float = 0.95, k: int = 10,
+               space: str | None = None) -> dict[str, Any]:
+    """Groups of near-duplicate images: connected components of the k-NN graph cut at ``threshold``.
+
+    Each vector's k nearest neighbours come from the space's index (exact k-NN without one, up to
+    DUPLICATES_EXACT_MAX rows); pairs at cosine >= threshold are edges. Memory is O(n * k), never
+    n x n. An approximate index can miss a pair its recall misses; a group still forms when the
+    images are linked through other members.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if not -1 <= threshold <= 1:
+        raise ValueError(f"threshold is a cosine similarity in [-1, 1], not {threshold}")
+    stages: dict[str, float] = {}
+    notes: list[str] = []
+    with timed(stages, "open_store"):
+        st, sp = _open(store, space)
+    with timed(stages, "load_index"):
+        index = _index_or_none(st, sp, notes)
+    n = len(sp)
+    if index is None:
+        if n > DUPLICATES_EXACT_MAX:
+            raise IndexFileError(f"finding duplicates among {n} vectors needs an index: run "
+                                 f"`embedstore index {st.path} --space {sp.name}` first")
+        flat = faiss.IndexFlatIP(sp.dim)
+        for s in iter_chunks(n):
+            flat.add(normalized(sp.vectors, s))
+        graph_index, ids = flat, sp.rows
+    else:
+        graph_index, ids = index.index, None
+    src, dst, sim = [], [], []
+    with timed(stages, "knn_graph"):
+        kk = min(k + 1, n)
+        for s in iter_chunks(n, 8192):
+            scores, found = graph_index.search(normalized(sp.vectors, s), kk)
+            found = ids[np.maximum(found, 0)] if ids is not None else found
+            me = np.repeat(sp.rows[s], kk).reshape(-1, kk)
+            keep = (scores >= threshold) & (found >= 0) & (found != me)
+            src.append(np.broadcast_to(np.arange(s.start, s.stop)[:, None], keep.shape)[keep])
+            dst.append(found[keep])
+            sim.append(scores[keep])
+    with timed(stages, "components"):
+        src_a = np.concatenate(src) if src else np.empty(0, np.int64)
+        dst_rows = np.concatenate(dst) if dst else np.empty(0, np.int64)
+        sims = np.concatenate(sim) if sim else np.empty(0, np.float32)
+        dst_pos = np.searchsorted(sp.rows, dst_rows)
+        valid = (dst_pos < n) & (sp.rows[np.minimum(dst_pos, n - 1)] == dst_rows)
+        src_a, dst_pos, sims = src_a[valid], dst_pos[valid], sims[valid]
+        graph = coo_matrix((np.ones(len(src_a), np.int8), (src_a, dst_pos)), shape=(n, n)).tocsr()
+        _, comp = connected_components(graph, directed=False)
+        groups = _groups(sp, comp, src_a, dst_pos, sims)
+    return {
+        "groups": groups,
+        "threshold": threshold,
+        "k": k,
+        "images": n,
+        "in_groups": int(sum(g["size"] for g in groups)),
+        "space": sp.name,
+        "exact": index is None,
+        "notes": notes,
+        "stages": {key: round(v, 4) for key, v in stages.items()},
+    }
+
+
+def _groups(sp: Space, comp: np.ndarray, src: np.ndarray, dst: np.ndarray, sims: np.ndarray) -> list[dict[str, Any]]:
+    sizes = np.bincount(comp)
+    lowest = np.ones(len(sizes))
+    np.minimum.at(lowest, comp[src], sims)
+    big = np.flatnonzero(sizes > 1)
+    order = np.argsort(comp, kind="stable")
+    starts = np.searchsorted(comp[order], big)
+    out = [_group(sp, order[b : b + sizes[c]], float(lowest[c])) for b, c in zip(starts, big)]
+    out.sort(key=lambda g: (-g["size"], g["members"][0]["row"]))
+    return out
+
+
+def _group(sp: Space, members: np.ndarray, lowest: float) -> dict[str, Any]:
+    return {
+        "size": int(len(members)),
+        "min_score": round(lowest, 6),
+        "members": [{"path": str(sp.paths[p]), "row": int(sp.rows[p]), "label": str(sp.labels[p])} for p in members],
+    }
