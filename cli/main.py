@@ -184,7 +184,7 @@ def demo(folder: str, backbone: str, per_class: int, as_json: bool) -> None:
 
     Renders scikit-learn's handwritten digits to PNG files (train/val splits), embeds them into
     an HDF5 store with the default offline backbone, compares classifier heads on the cached
-    vectors, and labels scikit-learn's two sample photos with the backbone's ImageNet head.
+    vectors, searches the store with one of its images, and labels scikit-learn's two sample photos with the backbone's ImageNet head.
     """
     from embedstore import demo as d
 
@@ -192,9 +192,10 @@ def demo(folder: str, backbone: str, per_class: int, as_json: bool) -> None:
     store = os.path.join(folder, "digits.h5")
     summary = embedstore.embed(images, store, backbone=backbone, progress=not as_json)
     heads = d.compare_heads(store)
+    neighbours = d.nearest_neighbours(store)
     photos = d.imagenet_top(d.write_sample_photos(os.path.join(folder, "photos")), backbone)
     if as_json:
-        emit_json({"embed": summary, "classifiers": heads, "photos": photos})
+        emit_json({"embed": summary, "classifiers": heads, "search": neighbours, "photos": photos})
         return
     click.echo(f"embedded {summary['embedded']} new images ({summary['skipped']} already in the store) "
                f"into {store} in {summary['seconds']:.1f}s")
@@ -202,6 +203,8 @@ def demo(folder: str, backbone: str, per_class: int, as_json: bool) -> None:
     click.echo(_table([[h["model"], f"{h['accuracy']:.3f}", f"{h['balanced_accuracy']:.3f}", f"{h['fit_s']:.2f}",
                         ", ".join(f"{k}={v}" for k, v in h["params"].items())] for h in heads],
                       ["head", "accuracy", "balanced", "fit s", "chosen"]))
+    click.echo(f"nearest neighbours of {neighbours['query']}: "
+               + ", ".join(f"{h['label']} ({h['score']:.2f})" for h in neighbours["hits"]))
     for p in photos:
         click.echo(f"{p['image']}: " + ", ".join(f"{t['label']} ({t['p']:.2f})" for t in p["top"]))
     click.echo(f"\nnext: embedstore info {store}")

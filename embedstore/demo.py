@@ -83,3 +83,14 @@ def compare_heads(store_path: str | os.PathLike, models: str = "logreg,knn,centr
     return [
         {k: r[k] for k in ("model", "accuracy", "balanced_accuracy", "fit_s", "params")} for r in report.results
     ]
+
+
+def nearest_neighbours(store_path: str | os.PathLike, k: int = 5) -> dict[str, Any]:
+    """Search the store with its first val image: the neighbours should share its label."""
+    from .search import search
+    from .store import open_store
+
+    sp = open_store(store_path).space()
+    row = int(sp.rows[list(sp.splits).index("val")])
+    hits = search(store_path, rows=[row], k=k + 1)["results"][0]
+    return {"query": str(sp.paths[list(sp.rows).index(row)]), "hits": [h for h in hits if h["row"] != row][:k]}
