@@ -5,12 +5,16 @@ Index ids are store rows (``Space.rows``), so every hit maps straight back to th
 
 Files, beside ``photos.h5`` in ``photos.h5.index/``::
 
-    <space>.faiss      the index (``faiss.write_index``), ids = store rows
-    <space>.rows.npy   (n, 2) int64: indexed row, fingerprint of the vector it was given
-    <space>.json       sidecar: kind, factory, parameters, rows, recall@10, latency, seconds, bytes
+    <space>.<g>.faiss      the index (``faiss.write_index``), ids = store rows
+    <space>.<g>.rows.npy   (n, 2) int64: indexed row, fingerprint of the vector it was given
+    <space>.json           sidecar: generation g, kind, factory, parameters, rows, recall@10,
+                           latency, seconds, bytes
 
-Each file is written under a temporary name and renamed into place, the sidecar last; it records
-the sizes of the other two, so a write cut short is detected when the index is loaded.
+Every build writes a new generation ``g`` beside the current one (each file under a temporary
+name, fsynced, renamed), then replaces the sidecar, which is the single switch from the old
+generation to the new; only then are the old files removed. A build killed at any moment
+leaves the previous index whole and in use. The sidecar records the sizes of the other two
+files, so damage is detected when the index is loaded.
 
 Incremental: ``build_index`` on a space that already has an index adds only the rows it lacks.
 A row whose vector changed (its image file changed and was embedded again) or that left the
@@ -20,6 +24,7 @@ are rebuilt instead, and so is an index whose layout would be chosen differently
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import os
 import re
@@ -32,11 +37,12 @@ from typing import Any, Iterator
 import faiss
 import numpy as np
 
+from .choices import INDEX_KINDS
 from .store import Space, Store, StoreError, open_store
 from .utils import format_size, parse_size, timed
 
 FORMAT = "embedstore-index/1"
-KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq", "ivf-pq-refine")
+KINDS = INDEX_KINDS
 CHUNK = 32768
 FLAT_MAX_ROWS = 20_000  # exact search answers a query in about a millisecond below this
 HNSW_MAX_ROWS = 100_000  # HNSW builds in about a minute on two cores below this
@@ -593,13 +599,38 @@ class IndexFiles:
     rows: Path
     sidecar: Path
     lock: Path
+    generation: int = 0
+
+    def next_generation(self) -> "IndexFiles":
+        return _generation_files(self.sidecar.parent, self.sidecar.stem, self.generation + 1)
+
+    def strays(self) -> list[Path]:
+        """Files of other generations and temporaries left by a killed build."""
+        stem = self.sidecar.stem
+        keep = {self.index.name, self.rows.name, self.sidecar.name, self.lock.name}
+        found = [*self.sidecar.parent.glob(f"{glob.escape(stem)}.*"),
+                 *self.sidecar.parent.glob(f".{glob.escape(stem)}.*.tmp-*")]
+        pattern = re.compile(rf"^\.?{re.escape(stem)}\.(\d+\.(faiss|rows\.npy)|json)(\.tmp-\d+)?$")
+        return [f for f in found if f.name not in keep and pattern.match(f.name)]
+
+
+def _generation_files(folder: Path, stem: str, generation: int) -> IndexFiles:
+    return IndexFiles(folder / f"{stem}.{generation}.faiss", folder / f"{stem}.{generation}.rows.npy",
+                      folder / f"{stem}.json", folder / f"{stem}.lock", generation)
 
 
 def index_files(store: str | os.PathLike, space: str) -> IndexFiles:
-    folder = Path(str(store) + ".index")
+    """The files of the space's current index generation (named by its sidecar; 0 when none)."""
     stem = re.sub(r"[^\w.+-]", "_", space)
-    return IndexFiles(folder / f"{stem}.faiss", folder / f"{stem}.rows.npy", folder / f"{stem}.json",
-                      folder / f"{stem}.lock")
+    return index_files_at(Path(str(store) + ".index") / f"{stem}.json")
+
+
+def index_files_at(sidecar: Path) -> IndexFiles:
+    try:
+        generation = int(json.loads(sidecar.read_text()).get("generation", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        generation = 0
+    return _generation_files(sidecar.parent, sidecar.stem, generation)
 
 
 @dataclass
@@ -618,7 +649,7 @@ def _fix(store: str | os.PathLike, space: str) -> str:
 
 
 def load_index(store: str | os.PathLike | Store, space: str | None = None) -> LoadedIndex:
-    """Read the index of a space (default: the store's first space) with its tuned parameters.
+    """Read the index of a space (default: the store's first frozen space) with its tuned parameters.
 
     Raises ``IndexFileError``, naming the file and the fix, when it is missing, corrupt, or does
     not belong to this space's backbone (when ``store`` is an open ``Store``, that is checked).
@@ -628,6 +659,16 @@ def load_index(store: str | os.PathLike | Store, space: str | None = None) -> Lo
     if space is None:
         space = (st or open_store(path)).space().name
     files = index_files(path, space)
+    try:
+        return _load_files(files, path, space, st)
+    except IndexFileError:
+        latest = index_files(path, space)
+        if latest.generation == files.generation:
+            raise
+        return _load_files(latest, path, space, st)  # a build switched generations while we read
+
+
+def _load_files(files: IndexFiles, path: Path, space: str, st: Store | None) -> LoadedIndex:
     if not files.sidecar.exists():
         if files.index.exists():
             raise IndexFileError(f"index file {files.index} has no sidecar {files.sidecar.name}: {_fix(path, space)}")
@@ -639,6 +680,8 @@ def load_index(store: str | os.PathLike | Store, space: str | None = None) -> Lo
             raise ValueError(f"format {info.get('format')!r}")
     except (OSError, ValueError) as e:
         raise IndexFileError(f"index sidecar {files.sidecar} is corrupt ({e}): {_fix(path, space)}") from None
+    if info.get("generation", 0) != files.generation:
+        raise IndexFileError(f"index {files.sidecar} changed while it was read: try again")
     for f, key in ((files.index, "bytes"), (files.rows, "rows_bytes")):
         if not f.exists():
             raise IndexFileError(f"index file {f} is missing: {_fix(path, space)}")
@@ -678,13 +721,17 @@ def _write_atomic(path: Path, write: Any) -> int:
 
 def save_index(index: faiss.Index, rows: np.ndarray, fingerprints: np.ndarray, info: dict[str, Any],
                files: IndexFiles) -> dict[str, Any]:
-    """Write index, rows and sidecar (each atomically, sidecar last); returns the sidecar."""
+    """Write a new generation (index, rows), switch the sidecar to it, remove the old one; returns
+    the sidecar. Call it holding the build lock."""
     files.index.parent.mkdir(parents=True, exist_ok=True)
+    new = index_files_at(files.sidecar).next_generation()  # the current one: read under the lock
     state = np.stack([rows, fingerprints], axis=1).astype(np.int64)
-    info = {**info, "format": FORMAT}
-    info["bytes"] = _write_atomic(files.index, lambda p: faiss.write_index(index, p))
-    info["rows_bytes"] = _write_atomic(files.rows, lambda p: _save_npy(p, state))
-    _write_atomic(files.sidecar, lambda p: Path(p).write_text(json.dumps(info, indent=2) + "\n"))
+    info = {**info, "format": FORMAT, "generation": new.generation, "index_file": str(new.index)}
+    info["bytes"] = _write_atomic(new.index, lambda p: faiss.write_index(index, p))
+    info["rows_bytes"] = _write_atomic(new.rows, lambda p: _save_npy(p, state))
+    _write_atomic(new.sidecar, lambda p: Path(p).write_text(json.dumps(info, indent=2) + "\n"))
+    for stray in new.strays():
+        stray.unlink(missing_ok=True)
     return info
 
 
@@ -717,7 +764,7 @@ def build_index(store: str | os.PathLike | Store, *, space: str | None = None, k
 
     Args:
         store: the ``.h5`` store (path or open ``Store``).
-        space: embedding space (default: the store's first).
+        space: embedding space (default: the store's first frozen space).
         kind: ``auto``, ``flat``, ``hnsw``, ``ivf-flat``, ``ivf-pq``, ``ivf-pq-refine`` or a faiss
             factory string.
         memory: budget for the index in memory, e.g. ``"4G"`` (``auto`` and ``ivf-pq`` respect it).
@@ -777,7 +824,6 @@ def build_index(store: str | os.PathLike | Store, *, space: str | None = None, k
             "removed": int(removed),
             "faiss": faiss.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "index_file": str(files.index),
         }
         with timed(stages, "save"):
             info = save_index(built.index, sp.rows, fps, info, files)

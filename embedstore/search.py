@@ -188,7 +188,7 @@ def search(store: str | os.PathLike | Store, *, images: Sequence[str] | None = N
         paths: stored image paths whose vectors are the queries.
         vectors: raw query vectors of the space's dimension.
         k: neighbours per query.
-        space: embedding space (default: the store's first).
+        space: embedding space (default: the store's first frozen space).
         where: filters such as ``"label=cat"`` or ``["split=val"]`` (all must hold).
         exact: ignore the index and search exactly.
         device: where query images are embedded.

@@ -84,11 +84,16 @@ class Store:
         return len(self.images["path"])
 
     def space(self, name: str | None = None) -> Space:
-        """Return the space called ``name``; without a name, the only (or first) space."""
+        """Return the space called ``name``; without a name, the first frozen space.
+
+        Frozen spaces (embedded by a backbone as published) come before fine-tuned ones, so
+        adding a fine-tuned space never changes what the default means.
+        """
         if not self.spaces:
             raise StoreError(f"{self.path} has no embedding space yet: run `embedstore embed FOLDER --store {self.path}`")
         if name is None:
-            return next(iter(self.spaces.values()))
+            frozen = [sp for sp in self.spaces.values() if not sp.attrs.get("parent_space")]
+            return (frozen or list(self.spaces.values()))[0]
         if name not in self.spaces:
             raise StoreError(f"{self.path} has no space {name!r}; it has: {', '.join(self.spaces)}")
         return self.spaces[name]

@@ -137,10 +137,10 @@ def test_unchanged_store_keeps_index_and_growth_can_change_layout(tmp_path: Path
 
 def test_broken_index_files_name_the_file_and_the_fix(tmp_path: Path) -> None:
     store = write_store(tmp_path / "s.h5", clustered(500))
-    files = index_files(store, "syn")
     with pytest.raises(IndexFileError, match=r"has no index .*embedstore index"):
         load_index(store)
     build_index(store)
+    files = index_files(store, "syn")
     raw = files.index.read_bytes()
     files.index.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(IndexFileError, match=rf"{files.index}.*corrupt.*rebuild it with `embedstore index {store}"):

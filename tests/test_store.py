@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from embedstore.store import (
+    FAILURE_COLUMNS,
     Batch,
     StoreError,
     StoreLockedError,
@@ -15,6 +16,7 @@ from embedstore.store import (
     journal_dir,
     list_parts,
     open_store,
+    write_file,
 )
 
 ATTRS = {"backbone": "toy", "weights_sha256": "abc", "dim": 4, "dtype": "float16"}
@@ -152,3 +154,20 @@ def test_unwritable_folder_is_a_clear_error(tmp_path: Path):
             StoreWriter(folder / "s.h5").acquire()
     finally:
         folder.chmod(0o700)
+
+
+def test_default_space_is_the_first_frozen_one(tmp_path: Path) -> None:
+    """A fine-tuned space sorting before its parent does not become the default."""
+    n = 6
+    images = {"path": [f"img/{i}.png" for i in range(n)], "label": ["a", "b"] * 3, "split": ["train"] * n,
+              "size": [1] * n, "hash": [f"{i:032x}" for i in range(n)], "mtime": [0.0] * n}
+    frozen = {"backbone": "x", "weights_sha256": "f" * 64, "dim": 4, "dtype": "float16"}
+    tuned = {**frozen, "weights_sha256": "e" * 64, "parent_space": "x"}
+    vectors = np.eye(n, 4, dtype=np.float16)
+    path = tmp_path / "s.h5"
+    write_file(path, {"root": str(tmp_path), "created": "now"}, images,
+               {"a-ft": (tuned, np.arange(n), vectors), "x": (frozen, np.arange(n), vectors)},
+               {c: [] for c in FAILURE_COLUMNS})
+    st = open_store(path)
+    assert list(st.spaces) == ["a-ft", "x"] and st.space().name == "x"
+    assert st.space("a-ft").attrs["parent_space"] == "x"

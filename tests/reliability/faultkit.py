@@ -8,11 +8,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 import embedstore
 from embedstore.store import list_parts
+
+
+def cli(*args: str) -> list[str]:
+    """An ``embedstore`` command run by this interpreter."""
+    return [sys.executable, "-m", "embedstore_cli.main", *args]
 
 
 def embed_cmd(src: Path, store: Path, backbone: str = "test_efficientnet", batch_size: int = 4) -> list[str]:
@@ -29,13 +35,22 @@ class KillReport:
     delays: list[float] = field(default_factory=list)
 
 
-def kill_loop(cmd: list[str], store: Path, kills: int, max_delay: float, seed: int = 0) -> KillReport:
-    """Start ``cmd`` again and again, SIGKILLing each at a random moment, until ``kills`` kills;
-    after every kill the store must open; finally run once to completion."""
+def kill_loop(cmd: list[str], store: Path, kills: int, max_delay: float, seed: int = 0, min_delay: float = 0.0,
+              after_kill: Callable[[KillReport], None] | None = None,
+              before_run: Callable[[KillReport], None] | None = None) -> KillReport:
+    """Start ``cmd`` again and again, SIGKILLing each at a random moment in [min_delay, max_delay],
+    until ``kills`` kills; after every kill the store must open and ``after_kill(report)`` (a check
+    of the caller's) must pass; finally run once to completion. ``before_run(report)`` runs before
+    each start (to set up work for the next run, say)."""
     rng = random.Random(seed)
     report = KillReport()
     while report.kills < kills:
-        delay = rng.uniform(0, max_delay)
+        if report.completed_runs > 2 * kills:
+            raise AssertionError(f"{report.completed_runs} runs finished before their kill moment: "
+                                 f"the kill window [{min_delay:.2f}, {max_delay:.2f}] s misses the work")
+        if before_run is not None:
+            before_run(report)
+        delay = rng.uniform(min_delay, max_delay)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         report.runs += 1
         try:
@@ -47,6 +62,8 @@ def kill_loop(cmd: list[str], store: Path, kills: int, max_delay: float, seed: i
             report.delays.append(delay)
             if store.exists() or list_parts(store):
                 embedstore.open_store(store)  # readable after every kill
+            if after_kill is not None:
+                after_kill(report)
             continue
         stderr = proc.stderr.read().decode() if proc.stderr else ""
         if proc.returncode != 0:
