@@ -4,25 +4,13 @@ Wire into the main group with ``register(main)``.
 """
 from __future__ import annotations
 
-import functools
 import os
-from typing import Any, Callable
+from typing import Any
 
 import click
 
-from embedstore.classify import DEFAULT_MODELS, PREPROCESS, PROTOCOLS
-
-
-def _friendly(fn: Callable) -> Callable:
-    """The main CLI's ``friendly_errors``, looked up at call time (no import cycle with main.py)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from embedstore_cli.main import friendly_errors
-
-        return friendly_errors(fn)(*args, **kwargs)
-
-    return wrapper
+from embedstore.choices import HEADS as DEFAULT_MODELS, PREPROCESS, PROTOCOLS
+from embedstore_cli.friendly import friendly as _friendly
 
 
 def _fmt_params(params: dict[str, Any]) -> str:

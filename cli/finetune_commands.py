@@ -4,27 +4,14 @@ Wire into the main group with ``register(main)``.
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
-
 import click
 
-
-def _friendly(fn: Callable) -> Callable:
-    """The main CLI's ``friendly_errors``, looked up at call time (no import cycle with main.py)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from embedstore_cli.main import friendly_errors
-
-        return friendly_errors(fn)(*args, **kwargs)
-
-    return wrapper
+from embedstore_cli.friendly import friendly as _friendly
 
 
 @click.command()
 @click.argument("store", type=click.Path(exists=True, dir_okay=False))
-@click.option("--space", default=None, help="Frozen space to start from. Default: the store's first space.")
+@click.option("--space", default=None, help="Frozen space to start from. Default: the store's first frozen space.")
 @click.option("--unfreeze", default=2, show_default=True, type=click.IntRange(1),
               help="Number of the backbone's last stages to train (timm's block grouping).")
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(1), help="Most epochs (early stopping may end sooner).")
@@ -38,6 +25,10 @@ def _friendly(fn: Callable) -> Callable:
 @click.option("--train-bn", is_flag=True,
               help="Batch norm of the trained stages uses batch statistics and updates its running ones "
                    "(default: every BN layer keeps its statistics; its scale and shift still train).")
+@click.option("--hflip", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Probability of a horizontal flip in training; 0 for digits, text and other images a mirror changes.")
+@click.option("--crop-scale", default=0.25, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Smallest share of the image area a random training crop keeps.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Training images per step.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
@@ -52,7 +43,8 @@ def _friendly(fn: Callable) -> Callable:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_friendly
 def finetune(store: str, space: str | None, unfreeze: int, epochs: int, lr: float, layer_decay: float,
-             weight_decay: float, patience: int, train_bn: bool, batch_size: int, device: str, precision: str, workers: int | None,
+             weight_decay: float, patience: int, train_bn: bool, hflip: float, crop_scale: float, batch_size: int,
+             device: str, precision: str, workers: int | None,
              seed: int, out_space: str | None, restart: bool, stop_after: int | None, as_json: bool,
              quiet: bool) -> None:
     """Fine-tune the last stages of a space's backbone on STORE's train split, then re-embed.
@@ -71,7 +63,8 @@ def finetune(store: str, space: str | None, unfreeze: int, epochs: int, lr: floa
 
     s = run(store, space=space, unfreeze=unfreeze, epochs=epochs, lr=lr, batch_size=batch_size, device=device,
             precision=precision, out_space=out_space, layer_decay=layer_decay, weight_decay=weight_decay,
-            patience=patience, train_bn=train_bn, seed=seed, workers=workers, restart=restart, stop_after=stop_after,
+            patience=patience, train_bn=train_bn, hflip=hflip, crop_scale=crop_scale, seed=seed, workers=workers,
+            restart=restart, stop_after=stop_after,
             progress=not quiet and not as_json)
     if as_json:
         emit_json(s)

@@ -218,7 +218,7 @@ def _register_commands() -> None:
         importlib.import_module(f"embedstore_cli.{module}").register(main)
 
 
-COMMAND_MODULES = ("search_commands", "classify_commands", "finetune_commands", "scale_commands")
+COMMAND_MODULES = ("search_commands", "classify_commands", "finetune_commands", "scale_commands", "report_commands")
 _register_commands()
 
 if __name__ == "__main__":  # pragma: no cover

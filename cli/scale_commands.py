@@ -2,28 +2,14 @@
 Add it to a group with ``register(group)``; the shard and Ray options live on ``embedstore embed``."""
 from __future__ import annotations
 
-import functools
 import json
-from typing import Any, Callable
 
 import click
 
 from embedstore.errors import EmbedstoreError
+from embedstore_cli.friendly import friendly as _friendly
 
 KNOWN_ERRORS = (EmbedstoreError, FileNotFoundError, ValueError, RuntimeError)
-
-
-def _friendly(fn: Callable) -> Callable:
-    """The library's errors become one clear line and exit status 1, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except KNOWN_ERRORS as e:
-            raise click.ClickException(str(e)) from e
-
-    return wrapper
 
 
 @click.command("merge")

@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import os
-from typing import Any, Callable
+from typing import Any
 
 import click
 
-from embedstore.backbones import BackboneError
-from embedstore.data import CollectionError
-from embedstore.index import KINDS, build_index
-from embedstore.search import duplicates, search
-from embedstore.store import StoreError
+from embedstore.choices import INDEX_KINDS as KINDS
+from embedstore.errors import BackboneError, CollectionError, StoreError
+from embedstore_cli.friendly import friendly as _friendly
 
 KNOWN_ERRORS = (StoreError, BackboneError, CollectionError, FileNotFoundError, ValueError, RuntimeError)
-
-
-def _friendly(fn: Callable) -> Callable:
-    """The library's errors become one clear line and exit status 1, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except KNOWN_ERRORS as e:
-            raise click.ClickException(str(e)) from e
-
-    return wrapper
 
 
 def _emit_json(obj: Any) -> None:
@@ -49,7 +33,7 @@ def _notes(notes: list[str]) -> None:
 
 @click.command("index")
 @click.argument("store", type=click.Path(dir_okay=False))
-@click.option("--space", help="Embedding space (default: the store's first).")
+@click.option("--space", help="Embedding space (default: the store's first frozen space).")
 @click.option("--kind", default="auto", show_default=True,
               help=f"{'|'.join(KINDS)}, or a faiss factory string such as 'IVF256,SQ8'.")
 @click.option("--memory", default="4G", show_default=True,
@@ -72,6 +56,8 @@ def index_command(store: str, space: str | None, kind: str, memory: str, target_
     queries reaches --target-recall. Saved in STORE.index/ with a JSON sidecar.
     Run it again after `embedstore embed`: only new or changed rows are added.
     """
+    from embedstore.index import build_index
+
     info = build_index(store, space=space, kind=kind, memory=memory, target_recall=target_recall,
                        device=device, rebuild=rebuild)
     if as_json:
@@ -96,7 +82,7 @@ def index_command(store: str, space: str | None, kind: str, memory: str, target_
 @click.option("--row", "rows", multiple=True, type=int, help="Query with the stored vector of this store row.")
 @click.option("--path", "paths", multiple=True, help="Query with the stored vector of this image path.")
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1), help="Neighbours per query.")
-@click.option("--space", help="Embedding space (default: the store's first).")
+@click.option("--space", help="Embedding space (default: the store's first frozen space).")
 @click.option("--where", multiple=True, help="Only images with label=NAME or split=NAME (repeatable).")
 @click.option("--exact", is_flag=True, help="Search exactly even when an index exists.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write every result to FILE.csv or FILE.json.")
@@ -114,6 +100,8 @@ def search_command(store: str, more_images: tuple[str, ...], images: tuple[str, 
     images = images + more_images
     if sum(bool(x) for x in (images, rows, paths)) != 1:
         raise click.UsageError("give one kind of query: --query IMG..., --row N or --path P")
+    from embedstore.search import search
+
     result = search(store, images=list(images) or None, rows=list(rows) or None, paths=list(paths) or None,
                     k=k, space=space, where=list(where), exact=exact)
     folders = [p for p in images if os.path.isdir(p)]
@@ -162,11 +150,13 @@ def _write_results(out: str, result: dict[str, Any]) -> None:
               help="Cosine similarity at or above which two images count as duplicates.")
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1),
               help="Neighbours per image in the k-NN graph.")
-@click.option("--space", help="Embedding space (default: the store's first).")
+@click.option("--space", help="Embedding space (default: the store's first frozen space).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_friendly
 def duplicates_command(store: str, threshold: float, k: int, space: str | None, as_json: bool) -> None:
     """Groups of near-duplicate images, from the index's k-NN graph (connected components)."""
+    from embedstore.search import duplicates
+
     result = duplicates(store, threshold=threshold, k=k, space=space)
     if as_json:
         _emit_json(result)

@@ -37,6 +37,7 @@ _LAZY = {
     "load_head": "heads",
     "save_head": "heads",
     "predict_images": "heads",
+    "write_report": "report",
 }
 
 __all__ = [

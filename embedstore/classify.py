@@ -29,10 +29,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
+from embedstore.choices import PREPROCESS, PROTOCOLS
+
 from .store import Space, StoreError, open_store
 
-PROTOCOLS = ("auto", "split", "cv")
-PREPROCESS = ("l2", "standard", "pca-whiten", "none")
 DINO_TEMPERATURE = 0.07
 _C_GRID = tuple(float(c) for c in np.logspace(-3, 4, 8))
 
@@ -332,7 +332,7 @@ def select_params(spec: ModelSpec, Xa: np.ndarray, ya: np.ndarray, Xb: np.ndarra
     (used to fit the softmax temperature of margin classifiers).
     """
     if len(spec.grid) == 1:
-        est = spec.make(**spec.grid[0]).fit(Xa, ya)
+        est = _quiet_fit(spec.make(**spec.grid[0]), Xa, ya)
         out = _decision_matrix(est.decision_function(Xb)) if spec.calibrate else np.empty(0)
         return dict(spec.grid[0]), float(accuracy_score(yb, est.predict(Xb))), out
     if isinstance(spec.make(**spec.grid[0]), FaissKNNClassifier):
@@ -355,6 +355,8 @@ def _quiet_fit(est: BaseEstimator, X: np.ndarray, y: np.ndarray) -> BaseEstimato
     with warnings.catch_warnings():  # the sweep visits weak regularisation on purpose
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", LinAlgWarning)
+        # NearestCentroid notes features constant within a class (common in fp16 CNN features)
+        warnings.filterwarnings("ignore", message=".*within_class_std_dev_", category=UserWarning)
         return est.fit(X, y)
 
 

@@ -405,7 +405,7 @@ def embed_ray(
         import ray
     except ImportError:
         raise RuntimeError('--engine ray needs Ray: pip install "embedstore[ray]" (or --engine local)') from None
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     if shards is not None and not 1 <= shards <= 99999:
         raise ValueError(f"shards must be 1..99999, not {shards}")

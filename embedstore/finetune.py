@@ -22,7 +22,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import training as T
 from .backbones import load_backbone, load_space_backbone, weights_checksum
@@ -34,7 +34,7 @@ from .store import Batch, Space, Store, StoreWriter, open_store
 
 # settings that define a run: a checkpoint only resumes a run with the same ones
 RUN_KEYS = ("space", "unfreeze", "epochs", "lr", "batch_size", "layer_decay", "weight_decay", "patience",
-            "warmup", "train_bn", "seed", "parent_weights_sha256")
+            "warmup", "train_bn", "hflip", "crop_scale", "seed", "parent_weights_sha256")
 
 
 def finetune(
@@ -53,6 +53,8 @@ def finetune(
     patience: int = 3,
     warmup: float = 0.1,
     train_bn: bool = False,
+    hflip: float = 0.5,
+    crop_scale: float = 0.25,
     seed: int = 0,
     workers: int | None = None,
     restart: bool = False,
@@ -64,7 +66,7 @@ def finetune(
     Args:
         store: the ``.h5`` store; its images need labels and a ``train`` split (``val`` for early
             stopping; without one, 20% of train per class is held out).
-        space: the frozen space to start from (default: the store's first space).
+        space: the frozen space to start from (default: the store's first frozen space).
         unfreeze: number of the backbone's last stages to train (timm's coarse block grouping).
         epochs: most epochs to train (early stopping may end sooner).
         lr: peak learning rate of the new head; stage k below the head gets ``lr * layer_decay**k``.
@@ -78,6 +80,9 @@ def finetune(
         warmup: fraction of the steps with a linear learning-rate warm-up before the cosine decay.
         train_bn: let batch norm in the unfrozen stages use batch statistics and update its running
             statistics (default: every BN layer keeps its running statistics; its scale and shift train).
+        hflip: probability of a horizontal flip in training (0 for digits, text, or anything a
+            mirror changes).
+        crop_scale: smallest share of the image area a training crop keeps (RandomResizedCrop).
         seed: seed of the data order, augmentation and held-out part; the run is reproducible.
         workers: image-decoding worker processes (default: from the device and cores).
         restart: ignore an existing checkpoint of ``out_space`` and train from the start.
@@ -97,13 +102,16 @@ def finetune(
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("patience", patience, 1)):
         if value < low:
             raise ValueError(f"{name} must be at least {low}, not {value}")
+    if not (0 <= hflip <= 1 and 0 < crop_scale <= 1):
+        raise ValueError(f"hflip must be in [0, 1] and crop_scale in (0, 1], not {hflip} and {crop_scale}")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     workers = (1 if len(os.sched_getaffinity(0)) > 1 else 0) if workers is None else workers
     folder = Path(f"{store_path}.finetune") / out_space
     settings = {"space": parent.name, "unfreeze": unfreeze, "epochs": epochs, "lr": lr, "batch_size": batch_size,
                 "layer_decay": layer_decay, "weight_decay": weight_decay, "patience": patience, "warmup": warmup,
-                "train_bn": train_bn, "seed": seed, "parent_weights_sha256": parent.attrs.get("weights_sha256")}
+                "train_bn": train_bn, "hflip": hflip, "crop_scale": crop_scale, "seed": seed,
+                "parent_weights_sha256": parent.attrs.get("weights_sha256")}
 
     classes, train, val, val_note = _split(st, parent, seed)
     codes = {c: i for i, c in enumerate(classes)}
@@ -153,7 +161,8 @@ def finetune(
         epoch += 1
         te = time.perf_counter()
         gen = T.seed_everything(seed * 100_003 + epoch)
-        batches = T.loader(train_items, T.train_transform(bb.data_config), batch_size, workers, 2 * side, gen)
+        augment = T.train_transform(bb.data_config, hflip, crop_scale)
+        batches = T.loader(train_items, augment, batch_size, workers, 2 * side, gen)
         state["step"], train_loss, _ = T.train_epoch(net, batches, y_train, optimizer, scaler, state["step"], total,
                                                      warmup_steps, f"finetune {out_space} epoch {epoch}/{epochs}",
                                                      progress, train_bn)

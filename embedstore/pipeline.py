@@ -12,7 +12,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .backbones import DEFAULT_BACKBONE, Backbone, default_space_name, load_backbone
 from .data import ImageItem, discover

@@ -19,7 +19,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .data import ImageItem, ImageReader, collate
 from .embedding import _DTYPES
@@ -127,15 +127,17 @@ def cosine_factor(step: int, total: int, warmup: int) -> float:
 # --------------------------------------------------------------------------- data and one epoch
 
 
-def train_transform(data_config: dict[str, Any]) -> Any:
+def train_transform(data_config: dict[str, Any], hflip: float = 0.5, crop_scale: float = 0.25) -> Any:
     """timm's training augmentation for a space's recorded data config, stopping at uint8 (normalised on device).
 
-    RandomResizedCrop (scale 0.25-1, milder than ImageNet's 0.08 for a few epochs on small sets),
-    horizontal flip and colour jitter 0.4.
+    RandomResizedCrop keeping ``crop_scale``-1 of the area (default 0.25, milder than ImageNet's
+    0.08 for a few epochs on small sets), horizontal flip with probability ``hflip`` (0 for
+    text, digits and other images that flipping changes) and colour jitter 0.4.
     """
     return timm.data.create_transform(
         input_size=tuple(data_config["input_size"]), is_training=True, interpolation=data_config["interpolation"],
-        mean=tuple(data_config["mean"]), std=tuple(data_config["std"]), scale=(0.25, 1.0), normalize=False)
+        mean=tuple(data_config["mean"]), std=tuple(data_config["std"]), scale=(crop_scale, 1.0), hflip=hflip,
+        normalize=False)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -87,7 +87,8 @@ def tuned(stripes_store: tuple[Path, Path]) -> dict:
     store, _ = stripes_store
     torch.use_deterministic_algorithms(True)
     try:
-        return finetune(store, space="frozen", unfreeze=2, epochs=5, lr=3e-3, batch_size=16, **FAST)
+        # 8 epochs, patience 5: every seed 0-4 reached val accuracy >= 0.9 from a probe of 0.70-0.72
+        return finetune(store, space="frozen", unfreeze=2, epochs=8, patience=5, lr=3e-3, batch_size=16, **FAST)
     finally:
         torch.use_deterministic_algorithms(False)
 
@@ -135,7 +136,7 @@ def test_new_space_records_lineage_and_reloads(stripes_store: tuple[Path, Path],
     assert a["weights_sha256"] == tuned["weights_sha256"] != parent.attrs["weights_sha256"]
     ft = a["finetune"]
     assert ft["checkpoint_sha256"] == sha256_file(a["weights"]) and ft["method"] == "LP-FT"
-    assert (ft["unfreeze"], ft["epochs"], ft["lr"], ft["batch_size"]) == (2, 5, 3e-3, 16)
+    assert (ft["unfreeze"], ft["epochs"], ft["lr"], ft["batch_size"]) == (2, 8, 3e-3, 16)
     assert ft["best_epoch"] == tuned["best_epoch"] and ft["classes"] == ["horizontal", "vertical"]
     assert len(new) == len(parent) == st.n_images == 140 and new.dim == parent.dim
     assert np.array_equal(new.rows, parent.rows) and not np.allclose(new.vectors, parent.vectors, atol=1e-2)

@@ -1,0 +1,10 @@
+"""Names offered as choices on the command line, free of heavy imports so ``--help`` starts fast.
+
+The modules that implement them import these tuples; tests check that they agree.
+"""
+from __future__ import annotations
+
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq", "ivf-pq-refine")
+HEADS = ("logreg", "linear-svm", "rbf-svm", "ridge", "knn", "knn-majority", "centroid")
+PROTOCOLS = ("auto", "split", "cv")
+PREPROCESS = ("l2", "standard", "pca-whiten", "none")
