@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -62,30 +63,55 @@ def test_read_only_store_folder(tmp_path: Path):
         assert embedstore.open_store(store).n_images == 7
 
 
-def test_files_deleted_and_replaced_during_a_run(tmp_path: Path):
+def make_unreadable(path: Path) -> None:
+    """chmod 000; as root (which reads anyway) the file becomes a directory of the same name."""
+    if os.geteuid() != 0:
+        path.chmod(0)
+    else:
+        path.unlink()
+        path.mkdir()
+
+
+def make_readable(path: Path, image_seed: int) -> None:
+    if path.is_dir():
+        path.rmdir()
+    else:
+        path.chmod(0o644)
+    draw_image("blue_stripes", image_seed).save(path, format="PNG")
+
+
+def test_files_deleted_replaced_or_unreadable_during_a_run(tmp_path: Path):
     src = make_collection(tmp_path / "imgs", per_class=40, splits=())
-    victims = sorted((src / "red_disc").glob("*.png"))[-10:]
+    victims = sorted((src / "red_disc").glob("*.png"))[-15:]
     store = tmp_path / "s.h5"
     proc = subprocess.Popen(embed_cmd(src, store, batch_size=1), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list_parts(store) and time.time() < deadline:
         time.sleep(0.01)
-    for i, v in enumerate(victims):  # while it runs: delete half, replace the other half
-        if i % 2:
+    for i, v in enumerate(victims):  # while it runs: delete a third, replace a third, make a third unreadable
+        if i % 3 == 0:
             v.unlink()
-        else:
+        elif i % 3 == 1:
             draw_image("blue_stripes", 1000 + i).save(v)
+        else:
+            make_unreadable(v)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()
     st = embedstore.open_store(store)
     sp = st.space()
     assert len(set(sp.paths)) == len(sp) == st.n_images
-    failed = {Path(f["path"]).name for f in st.failures}
-    assert all(f["error"] == "FileNotFoundError" for f in st.failures)
-    assert len(sp) + len(failed) == 120  # every file embedded (old or new content) or recorded as gone
+    errors = {Path(f["path"]).name: f["error"] for f in st.failures}
+    assert set(errors.values()) == {"FileNotFoundError", "PermissionError" if os.geteuid() else "IsADirectoryError"}, errors
+    assert len(sp) + len(errors) == 120  # every file embedded (old or new content) or recorded as failed
+    unreadable = [v for i, v in enumerate(victims) if i % 3 == 2]
+    # an unreadable file is retried once it is readable again; the rest of the store stays as it was
+    for i, v in enumerate(unreadable):
+        make_readable(v, 2000 + i)
     again = embedstore.embed(src, store, backbone="test_efficientnet", weights="random", workers=0, progress=False)
-    assert again["failed"] == 0 and again["embedded"] <= 5  # replaced files read before the swap are redone
+    assert again["failed"] == 0 and again["embedded"] <= 10  # files read before their swap are redone
     st2 = embedstore.open_store(store)
+    assert {st2.abspath(p) for p in st2.images["path"]} >= {str(v) for v in unreadable}
+    assert not {Path(f["path"]).name for f in st2.failures} & {v.name for v in unreadable}
     for p, h in zip(st2.images["path"], st2.images["hash"]):
         path = Path(st2.abspath(p))
         if path.exists():
