@@ -15,6 +15,7 @@ import io
 import json
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -159,12 +160,14 @@ def project(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str, str]:
         xy = PCA(n_components=2, random_state=seed).fit_transform(X)
         return xy, "pca", f"PCA of {n} vectors (too few for t-SNE or UMAP)"
     try:
-        import umap  # optional: pip install umap-learn
-
-        xy = umap.UMAP(n_neighbors=min(15, n - 1), metric="cosine", random_state=seed).fit_transform(X)
-        return np.asarray(xy), "umap", f"UMAP (umap-learn, cosine, {min(15, n - 1)} neighbours) of {n} vectors"
+        from umap import UMAP  # optional: pip install umap-learn
     except ImportError:
-        pass
+        UMAP = None
+    if UMAP is not None:
+        with warnings.catch_warnings():  # a seeded UMAP runs single-threaded and says so
+            warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+            xy = UMAP(n_neighbors=min(15, n - 1), metric="cosine", random_state=seed).fit_transform(X)
+        return np.asarray(xy), "umap", f"UMAP (umap-learn, cosine, {min(15, n - 1)} neighbours) of {n} vectors"
     from sklearn.manifold import TSNE
 
     reduced = ""

@@ -6,7 +6,6 @@ EMBEDSTORE_ARTIFACTS=DIR set, the page and the screenshot are also copied to DIR
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import os
@@ -32,7 +31,17 @@ from embedstore_cli.main import main
 
 THUMB = 72
 URL = re.compile(r"https?://", re.I)
-MAP_METHOD = "umap" if importlib.util.find_spec("umap") else "tsne"
+
+
+def _map_method() -> str:
+    try:
+        from umap import UMAP  # noqa: F401
+    except ImportError:
+        return "tsne"
+    return "umap"
+
+
+MAP_METHOD = _map_method()
 
 
 class Page(HTMLParser):
