@@ -610,13 +610,14 @@ class IndexFiles:
         keep = {self.index.name, self.rows.name, self.sidecar.name, self.lock.name}
         found = [*self.sidecar.parent.glob(f"{glob.escape(stem)}.*"),
                  *self.sidecar.parent.glob(f".{glob.escape(stem)}.*.tmp-*")]
-        pattern = re.compile(rf"^\.?{re.escape(stem)}\.(\d+\.(faiss|rows\.npy)|json)(\.tmp-\d+)?$")
+        pattern = re.compile(rf"^\.?{re.escape(stem)}\.((\d+\.)?(faiss|rows\.npy)|json)(\.tmp-\d+)?$")
         return [f for f in found if f.name not in keep and pattern.match(f.name)]
 
 
 def _generation_files(folder: Path, stem: str, generation: int) -> IndexFiles:
-    return IndexFiles(folder / f"{stem}.{generation}.faiss", folder / f"{stem}.{generation}.rows.npy",
-                      folder / f"{stem}.json", folder / f"{stem}.lock", generation)
+    prefix = f"{stem}.{generation}" if generation else stem  # generation 0: the names of embedstore 0.1
+    return IndexFiles(folder / f"{prefix}.faiss", folder / f"{prefix}.rows.npy", folder / f"{stem}.json",
+                      folder / f"{stem}.lock", generation)
 
 
 def index_files(store: str | os.PathLike, space: str) -> IndexFiles:

@@ -158,6 +158,24 @@ def test_broken_index_files_name_the_file_and_the_fix(tmp_path: Path) -> None:
     assert repaired["mode"] == "full" and load_index(store).index.ntotal == 500
 
 
+def test_generations_switch_and_unversioned_files_are_adopted(tmp_path: Path) -> None:
+    store = write_store(tmp_path / "s.h5", clustered(500))
+    build_index(store)
+    first = index_files(store, "syn")
+    assert first.generation == 1 and first.index.name == "syn.1.faiss"
+    # the names of embedstore 0.1 (no generation): loaded as generation 0, replaced by the next build
+    first.index.rename(first.index.with_name("syn.faiss"))
+    first.rows.rename(first.rows.with_name("syn.rows.npy"))
+    info = json.loads(first.sidecar.read_text())
+    first.sidecar.write_text(json.dumps({k: v for k, v in info.items() if k != "generation"}))
+    assert index_files(store, "syn").generation == 0 and load_index(store).index.ntotal == 500
+    rebuilt = build_index(store, rebuild=True)
+    assert rebuilt["generation"] == 1
+    assert sorted(p.name for p in first.sidecar.parent.iterdir()) == ["syn.1.faiss", "syn.1.rows.npy", "syn.json",
+                                                                      "syn.lock"]
+    assert load_index(store).index.ntotal == 500
+
+
 def test_exact_knn_streams_chunks_and_filters() -> None:
     data = clustered(70_000, dim=8, seed=4)  # more than two chunks
     ids = np.arange(len(data)) * 10
