@@ -351,8 +351,8 @@ def load_space_backbone(attrs: dict[str, Any], classifier: bool = False) -> Back
     bb = load_backbone(str(attrs["backbone"]), weights_arg(str(attrs.get("weights", ""))), classifier=classifier)
     if not classifier and bb.weights_sha256 != attrs.get("weights_sha256"):
         raise BackboneError(
-            f"the weights of {attrs['backbone']} here (sha256 {bb.weights_sha256[:12]}) differ from the ones that "
-            f"built this space (sha256 {str(attrs.get('weights_sha256'))[:12]}): queries would land in another space. "
-            "Install the same weights, or embed the collection again into a new space."
+            f"the weights of {attrs['backbone']} here ({bb.weights}, sha256 {bb.weights_sha256[:12]}) differ from the "
+            f"ones that built this space (sha256 {str(attrs.get('weights_sha256'))[:12]}): queries would land in "
+            "another space. Put back the same weights, or embed the collection again into a new space."
         )
     return bb

@@ -216,29 +216,42 @@ def _read_columns(group: h5py.Group, columns: Sequence[str]) -> dict[str, np.nda
     return out
 
 
+def _unreadable(path: Path, e: Exception) -> Exception:
+    """The error for a store file that h5py cannot read: missing, or damaged (naming the fix)."""
+    if not path.exists():
+        return FileNotFoundError(str(path))
+    return StoreError(
+        f"{path} is not a readable embedstore file ({type(e).__name__}: {e}). "
+        "Restore it from a backup, or move it aside and run `embedstore embed` again to rebuild it."
+    )
+
+
 def _read_file(path: Path) -> _FileData:
     try:
         with h5py.File(path, "r", locking=False) as f:
             attrs = _decode_attrs(f.attrs)
             if attrs.get("format") != FORMAT:
-                raise StoreError(f"{path} is not an embedstore file (format={attrs.get('format')!r})")
+                raise StoreError(f"{path} is not an embedstore file (format={attrs.get('format')!r}): it was "
+                                 "written by another program; give --store another path, or move it aside")
             images = _read_columns(f["images"], IMAGE_COLUMNS)
             failures = _read_columns(f["failures"], FAILURE_COLUMNS)
             spaces = {}
             for name, g in f["spaces"].items():
                 spaces[name] = (_decode_attrs(g.attrs), g["rows"][()], g["vectors"][()])
-    except FileNotFoundError:
-        raise
-    except StoreError:
+    except (FileNotFoundError, StoreError):
         raise
     except (OSError, KeyError, ValueError) as e:
-        if not path.exists():
-            raise FileNotFoundError(str(path)) from e
-        raise StoreError(
-            f"{path} is not a readable embedstore file ({type(e).__name__}: {e}). "
-            "Restore it from a backup, or move it aside and run `embedstore embed` again to rebuild it."
-        ) from e
+        raise _unreadable(path, e) from e
     return _FileData(attrs, images, failures, spaces)
+
+
+def _read_attrs(path: Path) -> dict[str, Any]:
+    """The file-level attributes of a store file, without reading its arrays."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return _decode_attrs(f.attrs)
+    except (OSError, KeyError, ValueError) as e:
+        raise _unreadable(path, e) from e
 
 
 # --------------------------------------------------------------------------- merging
@@ -510,8 +523,7 @@ class StoreWriter:
     def _base_seq(self) -> int:
         if not self.path.exists():
             return 0
-        with h5py.File(self.path, "r", locking=False) as f:
-            return int(f.attrs.get("journal_seq", 0))
+        return int(_read_attrs(self.path).get("journal_seq", 0))
 
     def snapshot(self) -> Store | None:
         """The current content (main file plus journal), or None for a new store."""
@@ -566,8 +578,7 @@ class StoreWriter:
     def _file_attrs(self) -> dict[str, Any]:
         root = self.root
         if self.path.exists():
-            with h5py.File(self.path, "r", locking=False) as f:
-                root = str(f.attrs.get("root", root))
+            root = str(_read_attrs(self.path).get("root", root))
         return {"root": root or "", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def consolidate(self) -> None:

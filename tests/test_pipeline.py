@@ -86,7 +86,7 @@ def test_bad_files_are_recorded_and_the_rest_embed(tmp_path: Path):
 
 
 def test_csv_list_with_missing_files(tmp_path: Path):
-    root = make_collection(tmp_path / "imgs", per_class=1, splits=())
+    make_collection(tmp_path / "imgs", per_class=1, splits=())
     lines = [f"imgs/{c}/{c}_000.png,{c},train" for c in ("red_disc", "green_square")] + ["imgs/gone.png,x,val"]
     (tmp_path / "list.csv").write_text("\n".join(lines))
     summary = embedstore.embed(tmp_path / "list.csv", tmp_path / "s.h5", **TINY)
