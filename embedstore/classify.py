@@ -137,7 +137,7 @@ class SoftmaxCalibrated(ClassifierMixin, BaseEstimator):
         self.temperature = temperature
 
     def fit(self, X: np.ndarray, y: Sequence) -> "SoftmaxCalibrated":
-        self.estimator_ = clone(self.estimator).fit(X, y)
+        self.estimator_ = _quiet_fit(clone(self.estimator), X, y)
         self.classes_ = self.estimator_.classes_
         self.n_features_in_ = self.estimator_.n_features_in_
         return self
@@ -357,7 +357,14 @@ def _quiet_fit(est: BaseEstimator, X: np.ndarray, y: np.ndarray) -> BaseEstimato
         warnings.simplefilter("ignore", LinAlgWarning)
         # NearestCentroid notes features constant within a class (common in fp16 CNN features)
         warnings.filterwarnings("ignore", message=".*within_class_std_dev_", category=UserWarning)
-        return est.fit(X, y)
+        with np.errstate(invalid="ignore"):
+            est.fit(X, y)
+    spread = getattr(est, "within_class_std_dev_", None)
+    if spread is not None and not np.isfinite(spread).all():
+        # NearestCentroid with one row per class: the spread is 0/0 and every decision value would be
+        # NaN; without a spread the decision values are plain squared distances to the centroids.
+        est.within_class_std_dev_ = np.nan_to_num(spread, nan=0.0)
+    return est
 
 
 def fit_head(

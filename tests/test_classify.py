@@ -124,6 +124,21 @@ def test_temperature_scaling_sharpens_underconfident_scores() -> None:
     assert t < 0.1  # softmax(scores / t) is confident where softmax(scores) is nearly uniform
 
 
+@pytest.mark.parametrize("per_class", [1, 2, 3])
+def test_every_head_fits_the_smallest_classes(per_class: int) -> None:
+    """A store's first images (a prefix during a run, a tiny labelled set): every head gives
+    finite probabilities, even where a class has a single row left after the carve."""
+    centers = np.eye(3, 16, dtype=np.float32) * 4
+    rng = np.random.default_rng(per_class)
+    X = np.repeat(centers, per_class, axis=0) + rng.normal(0, 0.1, (3 * per_class, 16)).astype(np.float32)
+    y = np.repeat(["a", "b", "c"], per_class)
+    for model in MODELS:
+        head = fit_head(X, y, model=model)
+        proba = head.estimator.predict_proba(centers)
+        assert np.isfinite(proba).all() and np.allclose(proba.sum(1), 1), model
+        assert list(head.estimator.predict(centers)) == ["a", "b", "c"], model
+
+
 def test_unknown_names_are_refused() -> None:
     with pytest.raises(ValueError, match="choose from"):
         parse_models("logreg,xgboost")
