@@ -26,6 +26,15 @@ def tiny_store(tmp_path: Path, collection: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """Where tests keep what a person may want to look at (screenshots, executed notebooks):
+    $EMBEDSTORE_ARTIFACTS, else test-artifacts/ in the repository (ignored by git)."""
+    folder = Path(os.environ.get("EMBEDSTORE_ARTIFACTS") or Path(__file__).resolve().parents[1] / "test-artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def hymenoptera() -> Path:
     path = SHARED / "hymenoptera"
     if not path.is_dir():

@@ -2,8 +2,8 @@
 
 Each notebook is executed with nbclient in a fresh kernel, in a temporary folder (they write
 their work folders relative to the working directory). A cell that raises, including the
-notebooks' own sanity ``assert``s, fails the test. With EMBEDSTORE_ARTIFACTS=DIR set, the
-executed notebooks are also saved to DIR.
+notebooks' own sanity ``assert``s, fails the test. The executed notebooks, outputs included,
+are kept in the ``artifacts`` folder (tests/conftest.py).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_notebook_uses_the_public_api_only(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(path: Path, tmp_path: Path) -> None:
+def test_notebook_executes(path: Path, tmp_path: Path, artifacts: Path) -> None:
     book = nbformat.read(path, as_version=4)
     env = {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     old = {k: os.environ.get(k) for k in env}
@@ -62,7 +62,4 @@ def test_notebook_executes(path: Path, tmp_path: Path) -> None:
     assert all(c.execution_count for c in book.cells if c.cell_type == "code" and c.source.strip())
     written = {p.suffix for p in tmp_path.rglob("*") if p.is_file()}
     assert ".h5" in written and ".png" in written  # the notebook really embedded images into a store
-    if os.environ.get("EMBEDSTORE_ARTIFACTS"):
-        folder = Path(os.environ["EMBEDSTORE_ARTIFACTS"])
-        folder.mkdir(parents=True, exist_ok=True)
-        nbformat.write(book, folder / path.name)
+    nbformat.write(book, artifacts / path.name)

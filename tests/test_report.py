@@ -1,14 +1,13 @@
 """``embedstore report``: a self-contained HTML page, checked structurally and in headless Chromium.
 
-The browser test keeps a screenshot under pytest's tmp dir (``.../report.png``); with
-EMBEDSTORE_ARTIFACTS=DIR set, the page and the screenshot are also copied to DIR.
+The browser test keeps the page and its screenshot (``report.html``, ``report.png``) in the
+``artifacts`` folder (tests/conftest.py: $EMBEDSTORE_ARTIFACTS, else test-artifacts/).
 """
 from __future__ import annotations
 
 import base64
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -248,7 +247,7 @@ def body_data(dom: str) -> dict[str, str]:
     return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body.group(1)))
 
 
-def test_report_in_headless_chromium(labelled: dict[str, Any], tmp_path: Path) -> None:
+def test_report_in_headless_chromium(labelled: dict[str, Any], tmp_path: Path, artifacts: Path) -> None:
     binary = chromium()
     # the harness itself sees console errors and broken images (else a clean result would prove nothing)
     bad = tmp_path / "bad.html"
@@ -285,8 +284,5 @@ def test_report_in_headless_chromium(labelled: dict[str, Any], tmp_path: Path) -
     with Image.open(shot) as im:
         assert im.size == (1280, 2000)
         assert np.asarray(im.convert("L")).std() > 10  # something was drawn
-    if os.environ.get("EMBEDSTORE_ARTIFACTS"):
-        folder = Path(os.environ["EMBEDSTORE_ARTIFACTS"])
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, folder / "report.png")
-        shutil.copy(page, folder / "report.html")
+    shutil.copy(shot, artifacts / "report.png")
+    shutil.copy(page, artifacts / "report.html")
