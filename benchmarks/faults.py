@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "reliability")]
 
 import embedstore  # noqa: E402
-from faultkit import compare_stores, embed_cmd, kill_loop, timed_run  # noqa: E402
+from faultkit import (compare_stores, consistent_prefix, embed_cmd, kill_loop,  # noqa: E402
+                      start_over_after_completion, timed_run)
 from imagegen import make_collection  # noqa: E402
 from scenarios import finetune_kills, index_kills  # noqa: E402
 from test_hostile_input import hostile_folder  # noqa: E402
@@ -40,7 +41,9 @@ def embed_kills(tmp: Path, per_class: int, kills: int, seeds: int) -> tuple[list
     for seed in range(seeds):
         store = tmp / f"killed-{seed}.h5"
         t0 = time.perf_counter()
-        report = kill_loop(embed_cmd(src, store), store, kills=kills, max_delay=full, seed=seed)
+        report = kill_loop(embed_cmd(src, store), store, kills=kills, max_delay=full, seed=seed,
+                           after_kill=consistent_prefix(store, reference),
+                           before_run=start_over_after_completion(store))
         diff = compare_stores(store, reference)
         rows.append({
             "stage": "embed", "seed": seed, "faults_injected": report.kills, "inputs": n_inputs, "runs": report.runs,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 import embedstore
-from embedstore.store import list_parts
+from embedstore.store import journal_dir, list_parts
 
 
 def cli(*args: str) -> list[str]:
@@ -96,6 +97,34 @@ def compare_stores(store: Path, reference: Path, atol: float = 1e-2) -> dict:
         )
     out["duplicate_images"] = got.n_images - len(set(got.images["path"]))
     return out
+
+
+def consistent_prefix(store: Path, reference: Path) -> Callable[[KillReport], None]:
+    """An ``after_kill`` check: what the killed store holds is a subset of the reference run,
+    each image once, each vector the reference's."""
+
+    def check(report: KillReport) -> None:
+        if not (store.exists() or list_parts(store)):
+            return
+        diff = compare_stores(store, reference)
+        bad = {k: diff[k] for k in ("rows_duplicated", "rows_extra", "vectors_differ", "duplicate_images") if diff[k]}
+        assert not bad, f"after kill {report.kills}: {bad}"
+
+    return check
+
+
+def start_over_after_completion(store: Path) -> Callable[[KillReport], None]:
+    """A ``before_run`` hook: once a run completed, delete the store so the next run has the whole
+    job to do again (kills then land all through the work, not in no-op reruns)."""
+    seen = [0]
+
+    def reset(report: KillReport) -> None:
+        if report.completed_runs > seen[0]:
+            seen[0] = report.completed_runs
+            store.unlink(missing_ok=True)
+            shutil.rmtree(journal_dir(store), ignore_errors=True)
+
+    return reset
 
 
 def timed_run(cmd: list[str]) -> float:

@@ -1,10 +1,13 @@
-"""SIGKILL `embedstore embed` at 20 random moments: the resumed store equals an uninterrupted one."""
+"""SIGKILL `embedstore embed` at 20 random moments: the resumed store equals an uninterrupted one.
+
+After every kill the store holds a consistent prefix of the uninterrupted run; once a run
+completes, the next starts over, so the kills land all through the work."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from imagegen import make_collection  # tests/conftest.py
-from faultkit import compare_stores, embed_cmd, kill_loop, timed_run
+from faultkit import compare_stores, consistent_prefix, embed_cmd, kill_loop, start_over_after_completion, timed_run
 from embedstore.store import journal_dir, list_parts
 
 KILLS = 20
@@ -17,7 +20,9 @@ def test_twenty_random_kills_lose_and_duplicate_nothing(tmp_path: Path):
     full_run = timed_run(embed_cmd(src, reference))
 
     store = tmp_path / "killed.h5"
-    report = kill_loop(embed_cmd(src, store), store, kills=KILLS, max_delay=full_run, seed=1)
+    report = kill_loop(embed_cmd(src, store), store, kills=KILLS, max_delay=full_run, seed=1,
+                       after_kill=consistent_prefix(store, reference),
+                       before_run=start_over_after_completion(store))
     assert report.kills == KILLS
 
     diff = compare_stores(store, reference)
