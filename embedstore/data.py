@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +192,8 @@ class ImageReader(torch.utils.data.Dataset):
             pixels = self.transform(decode_image(data, self.min_size))
             result.pixels = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
         except Exception as e:  # noqa: BLE001 - a bad file is data, not a crash
-            result.error, result.message = type(e).__name__, str(e)[:500] or type(e).__name__
+            message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(not an image Pillow can read)", str(e))
+            result.error, result.message = type(e).__name__, message[:500] or type(e).__name__
         return result
 
 

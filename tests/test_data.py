@@ -154,6 +154,7 @@ def test_reader_records_bad_files_and_reads_good_ones(tmp_path: Path):
         assert by_name[bad].error, bad
         assert by_name[bad].pixels is None
     assert by_name["gone.png"].error == "FileNotFoundError"
+    assert by_name["text.jpg"].message == "cannot identify image file (not an image Pillow can read)"
 
 
 def test_draft_size_follows_the_model_config():
