@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import CollectionError
 
@@ -127,6 +126,8 @@ def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
             if min_size and im.format == "JPEG":
                 im.draft("RGB", (min_size, min_size))
             im = ImageOps.exif_transpose(im)
+        except UnidentifiedImageError:  # Pillow's message names the BytesIO object, not the file
+            raise UnidentifiedImageError("cannot identify image file (not an image Pillow can read)") from None
         except Image.DecompressionBombWarning as w:
             raise Image.DecompressionBombError(
                 f"refused: {w} exceeds the limit of {MAX_PIXELS} pixels (possible decompression bomb)"
@@ -192,8 +193,7 @@ class ImageReader(torch.utils.data.Dataset):
             pixels = self.transform(decode_image(data, self.min_size))
             result.pixels = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
         except Exception as e:  # noqa: BLE001 - a bad file is data, not a crash
-            message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(not an image Pillow can read)", str(e))
-            result.error, result.message = type(e).__name__, message[:500] or type(e).__name__
+            result.error, result.message = type(e).__name__, str(e)[:500] or type(e).__name__
         return result
 
 
