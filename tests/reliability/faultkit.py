@@ -22,10 +22,10 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "embedstore_cli.main", *args]
 
 
-def embed_cmd(src: Path, store: Path, backbone: str = "test_efficientnet", batch_size: int = 4) -> list[str]:
-    return [sys.executable, "-m", "embedstore_cli.main", "embed", str(src), "--store", str(store),
-            "--backbone", backbone, "--weights", "random", "--batch-size", str(batch_size), "--workers", "0",
-            "--precision", "fp32", "--quiet", "--json"]
+def embed_cmd(src: Path, store: Path, backbone: str = "test_efficientnet", batch_size: int = 4,
+              weights: str = "random") -> list[str]:
+    return cli("embed", str(src), "--store", str(store), "--backbone", backbone, "--weights", weights,
+               "--batch-size", str(batch_size), "--workers", "0", "--precision", "fp32", "--quiet", "--json")
 
 
 @dataclass
