@@ -56,26 +56,6 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path):
         np.testing.assert_allclose(vec.astype(np.float32), ref_by_path[path], rtol=1e-2, atol=1e-2)
 
 
-def test_reader_during_a_run_sees_a_growing_consistent_prefix(tmp_path: Path):
-    src = make_collection(tmp_path / "imgs", per_class=30, splits=())
-    store = tmp_path / "s.h5"
-    proc = subprocess.Popen(embed_cmd(src, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    seen = []
-    try:
-        while proc.poll() is None:
-            if store.exists() or list_parts(store):
-                st = embedstore.open_store(store)
-                if st.spaces:
-                    sp = st.space()
-                    assert len(sp) == st.n_images == len(set(sp.paths))
-                    seen.append(len(sp))
-            time.sleep(0.05)
-    finally:
-        proc.wait(timeout=300)
-    assert proc.returncode == 0
-    assert seen == sorted(seen) and embedstore.open_store(store).n_images == 90
-
-
 def test_second_concurrent_writer_is_refused(tmp_path: Path):
     src = make_collection(tmp_path / "imgs", per_class=2, splits=())
     store = tmp_path / "s.h5"
