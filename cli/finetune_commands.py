@@ -34,7 +34,7 @@ from embedstore_cli.friendly import friendly as _friendly
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="auto: bf16 autocast on AMX/AVX512-BF16 CPUs, bf16/fp16 on GPU.")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Decode worker processes. Default: from cores.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of data order, augmentation and held-out part.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of data order, augmentation and held-out part.")
 @click.option("--out-space", default=None, help="Name of the new space. Default: <space>-ft.")
 @click.option("--restart", is_flag=True, help="Ignore an existing checkpoint and train from the start.")
 @click.option("--stop-after", default=None, type=click.IntRange(1),

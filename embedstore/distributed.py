@@ -41,6 +41,7 @@ import numpy as np
 from .backbones import DEFAULT_BACKBONE, Backbone, default_space_name, load_backbone
 from .data import ImageItem, discover
 from .errors import StoreError
+from .integrity import check_rows
 from .store import (
     FAILURE_COLUMNS,
     IMAGE_COLUMNS,
@@ -50,7 +51,10 @@ from .store import (
     _decode_attrs,
     _fsync_dir,
     _read_columns,
+    journal_dir,
+    lock_path,
     open_store,
+    validate_space_name,
     write_file,
 )
 
@@ -146,6 +150,7 @@ def plan_view(path: Path) -> Store | None:
             spaces = {}
             for name, g in f["spaces"].items():
                 rows = g["rows"][()]
+                check_rows(path, f"spaces/{name}", rows, len(images["path"]))
                 spaces[name] = Space(name, _decode_attrs(g.attrs), rows, np.empty((len(rows), 0), np.float16),
                                      images["path"][rows], images["label"][rows], images["split"][rows])
     except (OSError, KeyError, ValueError) as e:
@@ -262,6 +267,7 @@ def merge(store: str | os.PathLike, sources: Sequence[str | os.PathLike] | None 
         for p in paths:
             if not p.is_file():
                 raise FileNotFoundError(f"no shard file at {p}: list published shards with `ls {shards_dir(store)}`")
+        _refuse_unsafe_sources(store, paths)
     before = plan_view(store)
     roots = {r for r in [before.root if before else ""] + [_file_spaces(p)[0] for p in paths] if r}
     if len(roots) > 1:
@@ -292,6 +298,26 @@ def merge(store: str | os.PathLike, sources: Sequence[str | os.PathLike] | None 
         "unfinished": [f"{i}/{n}" for i, n in unfinished_shards(store)],
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _refuse_unsafe_sources(store: Path, paths: Sequence[Path]) -> None:
+    """Refuse sources that are the target itself (any spelling, symlink), its journal or lock, or repeated.
+
+    Merged sources are deleted afterwards: merging a store into itself would delete the store.
+    """
+    target = os.path.realpath(store)
+    own = {target, os.path.realpath(lock_path(store))}
+    journal = os.path.realpath(journal_dir(store))
+    seen: dict[str, Path] = {}
+    for p in paths:
+        real = os.path.realpath(p)
+        if real in own or real == journal or real.startswith(journal + os.sep):
+            raise StoreError(f"cannot merge {p} into {store}: it is {store} itself or part of it; "
+                             "list shard files (other stores) only; nothing was changed")
+        if real in seen:
+            raise StoreError(f"{p} is listed twice (also as {seen[real]}): list each shard file once; "
+                             "nothing was changed")
+        seen[real] = p
 
 
 # --------------------------------------------------------------------------- Ray runner
@@ -404,7 +430,7 @@ def embed_ray(
     try:
         import ray
     except ImportError:
-        raise RuntimeError('--engine ray needs Ray: pip install "embedstore[ray]" (or --engine local)') from None
+        raise RuntimeError('--engine ray needs Ray: pip install -e ".[ray]" in a checkout, or pip install ray (or --engine local)') from None
     from tqdm import tqdm
 
     if shards is not None and not 1 <= shards <= 99999:
@@ -412,7 +438,7 @@ def embed_ray(
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
     store = Path(store).absolute()
-    space = space or default_space_name(backbone, weights)
+    space = validate_space_name(space or default_space_name(backbone, weights))
     root, items = discover(source)
     stages["discover"] = time.perf_counter() - t_start
 

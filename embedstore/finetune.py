@@ -28,7 +28,8 @@ from . import training as T
 from .backbones import load_backbone, load_space_backbone, weights_checksum
 from .data import ImageItem, draft_size
 from .embedding import Embedder, iter_embeddings, resolve_device, resolve_precision
-from .errors import EmbedstoreError
+from .errors import EmbedstoreError, InvalidNameError
+from .integrity import validate_space_name
 from .pipeline import plan
 from .store import Batch, Space, Store, StoreWriter, open_store
 
@@ -96,7 +97,12 @@ def finetune(
     store_path = Path(store)
     st = open_store(store_path)
     parent = st.space(space)
-    out_space = out_space or f"{parent.name}-ft"
+    if out_space is None and not _is_valid_name(f"{parent.name}-ft"):
+        raise InvalidNameError(f"space {parent.name!r} gives no valid default name for the new space: "
+                               "pass --out-space NAME (letters, digits, . _ + -)")
+    out_space = validate_space_name(f"{parent.name}-ft" if out_space is None else out_space)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, not {seed!r}")
     if out_space == parent.name:
         raise ValueError(f"out_space must differ from the parent space {parent.name!r}: pass --out-space NAME")
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("patience", patience, 1)):
@@ -108,6 +114,9 @@ def finetune(
     prec = resolve_precision(precision, dev)
     workers = (1 if len(os.sched_getaffinity(0)) > 1 else 0) if workers is None else workers
     folder = Path(f"{store_path}.finetune") / out_space
+    if folder.resolve().parent != Path(f"{store_path}.finetune").resolve():  # checkpoints (and their clean-up)
+        raise InvalidNameError(f"--out-space {out_space!r} would put checkpoints outside {store_path}.finetune/: "
+                               "choose another name")
     settings = {"space": parent.name, "unfreeze": unfreeze, "epochs": epochs, "lr": lr, "batch_size": batch_size,
                 "layer_decay": layer_decay, "weight_decay": weight_decay, "patience": patience, "warmup": warmup,
                 "train_bn": train_bn, "hflip": hflip, "crop_scale": crop_scale, "seed": seed,
@@ -197,6 +206,14 @@ def finetune(
         summary["embed_seconds"] = round(time.perf_counter() - t_embed, 2)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
+
+
+def _is_valid_name(name: str) -> bool:
+    try:
+        validate_space_name(name)
+    except InvalidNameError:
+        return False
+    return True
 
 
 def _split(st: Store, sp: Space, seed: int) -> tuple[list[str], list[tuple], list[tuple], str]:

@@ -14,7 +14,8 @@ fully written, fsynced temporary file). Work in progress goes to ``FILE.h5.journ
 committed batch is a small file of the same layout, published by an atomic rename. Readers
 see the main file plus the published parts, i.e. a consistent prefix of a running job; a
 killed job leaves only whole parts, which the next writer folds into the main file.
-One writer at a time holds ``FILE.h5.lock`` (``flock``, released by the kernel if it dies).
+One writer at a time holds ``FILE.h5.lock`` (a kernel lock taken with ``filelock``, released by the
+kernel if the writer dies: a lock file left by a killed writer never blocks the next one).
 
 Why not SWMR: a SWMR writer killed mid-run leaves its file flagged as open, unreadable until
 ``h5clear`` is run, and in-place HDF5 updates are not atomic; whole-file replacement is.
@@ -22,7 +23,6 @@ Why not SWMR: a SWMR writer killed mid-run leaves its file flagged as open, unre
 from __future__ import annotations
 
 import errno
-import fcntl
 import io
 import json
 import os
@@ -37,6 +37,8 @@ import h5py
 import numpy as np
 
 from .errors import StoreError, StoreLockedError
+from .integrity import BAD_VECTOR, check_file, journal_seq, validate_space_name, vector_problems
+from .locks import try_lock
 
 FORMAT = "embedstore/1"
 IMAGE_COLUMNS = ("path", "label", "split", "size", "hash", "mtime")
@@ -67,6 +69,10 @@ class Space:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def __repr__(self) -> str:
+        return (f"<Space {self.name!r}: {len(self)} vectors of dim {self.dim} ({self.vectors.dtype}), "
+                f"backbone {self.attrs.get('backbone')!r}>")
+
 
 @dataclass
 class Store:
@@ -82,6 +88,15 @@ class Store:
     @property
     def n_images(self) -> int:
         return len(self.images["path"])
+
+    def __repr__(self) -> str:
+        lines = [f"<Store {str(self.path)!r}: {self.n_images} images, {len(self.failures)} failures, "
+                 f"{len(self.spaces)} space(s)" + (f", {self.journal_parts} journal part(s)" if self.journal_parts else "")]
+        lines += [f"  {sp.name}: {len(sp)} x {sp.dim} {sp.vectors.dtype} ({sp.attrs.get('backbone')})"
+                  for sp in list(self.spaces.values())[:20]]
+        if len(self.spaces) > 20:
+            lines.append(f"  ... {len(self.spaces) - 20} more")
+        return "\n".join(lines) + ">"
 
     def space(self, name: str | None = None) -> Space:
         """Return the space called ``name``; without a name, the first frozen space.
@@ -237,10 +252,15 @@ def _read_file(path: Path) -> _FileData:
             failures = _read_columns(f["failures"], FAILURE_COLUMNS)
             spaces = {}
             for name, g in f["spaces"].items():
+                missing = [d for d in ("rows", "vectors") if not isinstance(g.get(d), h5py.Dataset)]
+                if missing:
+                    raise StoreError(f"{path}: spaces/{name} has no {' or '.join(missing)} dataset; the file is "
+                                     "damaged: restore it from a backup, or move it aside and run `embedstore embed` again")
                 spaces[name] = (_decode_attrs(g.attrs), g["rows"][()], g["vectors"][()])
+        check_file(path, attrs, images, failures, spaces)
     except (FileNotFoundError, StoreError):
         raise
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, TypeError) as e:
         raise _unreadable(path, e) from e
     return _FileData(attrs, images, failures, spaces)
 
@@ -273,7 +293,7 @@ class _State:
     def apply(self, data: _FileData, seq: int) -> None:
         if seq == 0:
             self.attrs = dict(data.attrs)
-            self.journal_seq = int(self.attrs.get("journal_seq", 0))
+            self.journal_seq = int(self.attrs.get("journal_seq", 0))  # checked by check_file
         elif not self.attrs:
             self.attrs = {k: v for k, v in data.attrs.items() if k != "journal_seq"}
         mapping = np.empty(len(data.images["path"]), dtype=np.int64)
@@ -485,25 +505,23 @@ class StoreWriter:
             folder.mkdir(parents=True, exist_ok=True)
         if not os.access(folder, os.W_OK):
             raise StoreError(f"cannot write in {folder}: choose a writable location for --store")
-        fh = open(lock_path(self.path), "a+")
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            owner = fh.read().strip() or "another process"
-            fh.close()
+            held = try_lock(lock_path(self.path))
+        except OSError as e:
+            raise StoreError(f"cannot lock {lock_path(self.path)} ({e}): put --store on a local file system") from e
+        if isinstance(held, str):
             raise StoreLockedError(
-                f"{self.path} is being written by {owner}; wait for it to finish (readers may open it meanwhile)"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
-        self._lock_fh = fh
-        self._remove_stale_temporaries()
-        self.consolidate()  # fold in whatever a killed run left
-        parts = list_parts(self.path)
-        self._seq = max([self._base_seq()] + [s for s, _ in parts])
+                f"{self.path} is being written by {held}; wait for it to finish (readers may open it meanwhile)"
+            )
+        self._lock_fh = held
+        try:
+            self._remove_stale_temporaries()
+            self.consolidate()  # fold in whatever a killed run left
+            parts = list_parts(self.path)
+            self._seq = max([self._base_seq()] + [s for s, _ in parts])
+        except BaseException:
+            self.release()  # __exit__ does not run when __enter__ fails
+            raise
 
     def _remove_stale_temporaries(self) -> None:
         """Half-written files of a killed writer (never visible to readers) are deleted."""
@@ -516,14 +534,13 @@ class StoreWriter:
 
     def release(self) -> None:
         if self._lock_fh is not None:
-            fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_UN)
-            self._lock_fh.close()
+            self._lock_fh.release()
             self._lock_fh = None
 
     def _base_seq(self) -> int:
         if not self.path.exists():
             return 0
-        return int(_read_attrs(self.path).get("journal_seq", 0))
+        return journal_seq(self.path, _read_attrs(self.path))
 
     def snapshot(self) -> Store | None:
         """The current content (main file plus journal), or None for a new store."""
@@ -534,20 +551,35 @@ class StoreWriter:
 
     def commit(self, batch: Batch, space: str, space_attrs: dict[str, Any]) -> None:
         """Publish one batch as a journal part (atomic rename); it is durable once this returns."""
+        validate_space_name(space)
         if not len(batch):
             return
+        dim = int(space_attrs["dim"])
+        dtype = np.dtype(space_attrs.get("dtype", "float16"))
+        with np.errstate(over="ignore"):  # a float16 overflow becomes Inf, refused just below
+            vectors = np.stack(batch.vectors).astype(dtype) if batch.vectors else np.empty((0, dim), dtype)
+        images, failures = batch.images, batch.failures
+        bad = vector_problems(vectors)  # after the cast: float16 overflows to Inf
+        if bad:  # such images are recorded as failures, never stored
+            keep = [i for i in range(len(vectors)) if i not in bad]
+            failures = {c: list(v) for c, v in failures.items()}
+            for i, why in bad.items():
+                rec = {"path": images["path"][i], "space": space, "error": BAD_VECTOR,
+                       "message": f"{why}: the backbone gave no usable vector for this image",
+                       "size": images["size"][i], "mtime": images["mtime"][i]}
+                for c in FAILURE_COLUMNS:
+                    failures[c].append(rec[c])
+            images = {c: [v[i] for i in keep] for c, v in images.items()}
+            vectors = vectors[keep]
         jdir = journal_dir(self.path)
         jdir.mkdir(exist_ok=True)
         self._seq += 1
-        dim = int(space_attrs["dim"])
-        dtype = np.dtype(space_attrs.get("dtype", "float16"))
-        vectors = np.stack(batch.vectors).astype(dtype) if batch.vectors else np.empty((0, dim), dtype)
         write_file(
             jdir / f"part-{self._seq:010d}.h5",
             attrs=self._file_attrs(),
-            images=batch.images,
+            images=images,
             spaces={space: (space_attrs, np.arange(len(vectors)), vectors)},
-            failures=batch.failures,
+            failures=failures,
         )
 
     def adopt(self, source: str | os.PathLike) -> None:
@@ -560,6 +592,9 @@ class StoreWriter:
         with h5py.File(source, "r", locking=False) as f:
             if f.attrs.get("format") != FORMAT:
                 raise StoreError(f"{source} is not an embedstore file: only shard or store files can be merged")
+        data = _read_file(source)  # a damaged file is refused before it becomes a part of this store
+        for name in data.spaces:
+            validate_space_name(name)
         jdir = journal_dir(self.path)
         jdir.mkdir(exist_ok=True)
         self._seq += 1

@@ -296,8 +296,8 @@ def save_checkpoint(folder: Path, epoch: int, net: Network, optimizer: torch.opt
     tmp.write_text(json.dumps(state, indent=2))
     _replace(tmp, folder / "state.json")
     keep = {f"{stem}.safetensors", f"{stem}.pt", f"epoch-{state['best']['epoch']:03d}.safetensors"}
-    for old in folder.glob("epoch-*"):
-        if old.name not in keep:
+    for old in folder.glob("epoch-*"):  # only this run's own files: folder is STORE.finetune/<out-space>
+        if old.name not in keep and old.is_file():
             old.unlink(missing_ok=True)
 
 

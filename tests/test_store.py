@@ -163,7 +163,7 @@ def test_default_space_is_the_first_frozen_one(tmp_path: Path) -> None:
               "size": [1] * n, "hash": [f"{i:032x}" for i in range(n)], "mtime": [0.0] * n}
     frozen = {"backbone": "x", "weights_sha256": "f" * 64, "dim": 4, "dtype": "float16"}
     tuned = {**frozen, "weights_sha256": "e" * 64, "parent_space": "x"}
-    vectors = np.eye(n, 4, dtype=np.float16)
+    vectors = np.eye(n, 4, dtype=np.float16) + np.float16(0.1)  # no all-zero row: a store refuses those
     path = tmp_path / "s.h5"
     write_file(path, {"root": str(tmp_path), "created": "now"}, images,
                {"a-ft": (tuned, np.arange(n), vectors), "x": (frozen, np.arange(n), vectors)},
