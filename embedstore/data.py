@@ -1,114 +1,37 @@
-"""Reading images: discover a collection (folder or CSV list), decode files robustly.
+"""Reading images: decode files robustly (discovery of a collection lives in ``collection``).
 
 The reader stage of the pipeline. Every failure is returned as data (error type and message),
-never raised, so one bad file cannot stop a run.
+never raised, so one bad file cannot stop a run. The reader opens only regular files, without
+blocking (a FIFO swapped in cannot hang it), and reads at most ``max_bytes`` of each. Folder
+collections do not follow symlinks out of their root unless asked to. Crash safety: this module
+only reads; it writes nothing.
 """
 from __future__ import annotations
 
-import csv
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import CollectionError
-
-SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+from .collection import (  # noqa: F401 (re-exported: discovery is part of the reader stage)
+    MAX_FILE_BYTES,
+    SPLITS,
+    CollectionError,
+    ImageItem,
+    discover,
+    image_extensions,
+)
+from .errors import FileTooLargeError, NotRegularFileError, OutsideRootError
 
 # Refuse decompression bombs by pixel count (Pillow's limit), before any pixel is decoded.
 MAX_PIXELS = 89_478_485
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-def image_extensions() -> set[str]:
-    """File extensions of every format Pillow can open here."""
-    Image.init()
-    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-
-
-@dataclass(frozen=True)
-class ImageItem:
-    """One image of a collection: where it is and what the layout says about it."""
-
-    path: str  # absolute path
-    rel: str  # path as stored: relative to the collection root when inside it
-    label: str = ""
-    split: str = ""
-
-
-def discover(source: str | os.PathLike) -> tuple[str, list[ImageItem]]:
-    """List the images of a folder (recursive, ImageFolder labels) or of a CSV list.
-
-    Folder layout: ``<class>/img`` gives the label; ``<split>/<class>/img`` when the first
-    level is train/val/test. CSV: ``path[,label[,split]]`` per row, an optional header row,
-    paths relative to the CSV's folder. Returns the root and the items, sorted by path.
-    """
-    src = Path(source)
-    if not src.exists():
-        raise CollectionError(f"{src} does not exist: pass a folder of images or a CSV list (path[,label[,split]])")
-    if src.is_dir():
-        root = str(src.resolve())
-        return root, _discover_folder(root)
-    if src.suffix.lower() in (".csv", ".txt", ".tsv"):
-        root = str(src.resolve().parent)
-        return root, _discover_csv(src, root)
-    raise CollectionError(f"{src} is neither a folder nor a .csv list")
-
-
-def _discover_folder(root: str) -> list[ImageItem]:
-    exts = image_extensions()
-    items: list[ImageItem] = []
-    seen_dirs: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen_dirs:  # symlink loop or a folder reached twice
-            dirnames[:] = []
-            continue
-        seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in exts:
-                continue
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
-            items.append(ImageItem(full, rel, *_layout_labels(rel)))
-    items.sort(key=lambda it: it.rel)
-    return items
-
-
-def _layout_labels(rel: str) -> tuple[str, str]:
-    parts = Path(rel).parts[:-1]
-    if parts and parts[0].lower() in SPLITS:
-        return (parts[1] if len(parts) > 1 else ""), SPLITS[parts[0].lower()]
-    return (parts[0] if parts else ""), ""
-
-
-def _discover_csv(src: Path, root: str) -> list[ImageItem]:
-    items = []
-    with open(src, newline="", encoding="utf-8") as f:
-        dialect = csv.excel_tab if src.suffix.lower() == ".tsv" else csv.excel
-        for n, row in enumerate(csv.reader(f, dialect)):
-            if not row or not row[0].strip() or row[0].startswith("#"):
-                continue
-            if n == 0 and row[0].strip().lower() in ("path", "file", "filename", "image"):
-                continue
-            path = row[0].strip()
-            label = row[1].strip() if len(row) > 1 else ""
-            split = SPLITS.get(row[2].strip().lower(), row[2].strip()) if len(row) > 2 else ""
-            full = path if os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
-            rel = os.path.relpath(full, root) if _inside(full, root) else full
-            items.append(ImageItem(full, rel, label, split))
-    return items
-
-
-def _inside(path: str, root: str) -> bool:
-    return os.path.commonpath([os.path.abspath(path), root]) == root
 
 
 def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
@@ -169,10 +92,12 @@ class ReadResult:
 class ImageReader(torch.utils.data.Dataset):
     """Reads, hashes, decodes and transforms items; failures come back as results, not exceptions."""
 
-    def __init__(self, items: Sequence[ImageItem], transform: Callable[[Image.Image], Any], min_size: int | None):
+    def __init__(self, items: Sequence[ImageItem], transform: Callable[[Image.Image], Any], min_size: int | None,
+                 max_bytes: int = MAX_FILE_BYTES):
         self.items = items
         self.transform = transform
         self.min_size = min_size
+        self.max_bytes = max_bytes
 
     def __len__(self) -> int:
         return len(self.items)
@@ -183,10 +108,7 @@ class ImageReader(torch.utils.data.Dataset):
         item = self.items[index]
         result = ReadResult(index, None)
         try:
-            with open(item.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                result.size, result.mtime = st.st_size, st.st_mtime
-                data = f.read()
+            data = read_file(item, self.max_bytes, result)
             result.hash = hash_bytes(data)
             if not data:
                 raise ValueError("empty file (0 bytes)")
@@ -195,6 +117,40 @@ class ImageReader(torch.utils.data.Dataset):
         except Exception as e:  # noqa: BLE001 - a bad file is data, not a crash
             result.error, result.message = type(e).__name__, str(e)[:500] or type(e).__name__
         return result
+
+
+def read_file(item: ImageItem, max_bytes: int, result: ReadResult) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; ``result`` gets its size and mtime.
+
+    Refusals raise before any byte is read: a discovery refusal, anything but a regular file
+    (FIFO, device, socket, folder), a file over the limit. The open never blocks (O_NONBLOCK)
+    and the opened descriptor is checked again, so a FIFO swapped in meanwhile is refused too.
+    """
+    st = os.stat(item.path)
+    result.size, result.mtime = st.st_size, st.st_mtime
+    if item.refusal:
+        raise OutsideRootError(item.refusal)
+    _check_file(st, max_bytes)
+    fd = os.open(item.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        result.size, result.mtime = st.st_size, st.st_mtime
+        _check_file(st, max_bytes)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise FileTooLargeError(f"grew past the limit of {max_bytes} bytes while being read")
+    return data
+
+
+def _check_file(st: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for k, test in (("a FIFO", stat.S_ISFIFO), ("a character device", stat.S_ISCHR),
+                                        ("a block device", stat.S_ISBLK), ("a socket", stat.S_ISSOCK),
+                                        ("a folder", stat.S_ISDIR)) if test(st.st_mode)), "not a regular file")
+        raise NotRegularFileError(f"refused: {kind}, not a regular file (only image files are read)")
+    if st.st_size > max_bytes:
+        raise FileTooLargeError(f"refused: {st.st_size} bytes exceeds the limit of {max_bytes} bytes "
+                                "(raise it with --max-file-size / max_bytes)")
 
 
 def collate(results: list[ReadResult]) -> tuple[list[ReadResult], torch.Tensor | None]:

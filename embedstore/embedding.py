@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .backbones import Backbone
-from .data import ImageItem, ImageReader, ReadResult, collate, draft_size
+from .data import MAX_FILE_BYTES, ImageItem, ImageReader, ReadResult, collate, draft_size
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -102,12 +102,17 @@ def iter_embeddings(
     embedder: Embedder,
     batch_size: int = 64,
     workers: int | None = None,
+    max_bytes: int = MAX_FILE_BYTES,
 ) -> Iterator[tuple[list[ReadResult], np.ndarray]]:
-    """Yield (results, vectors) per batch: vectors has one row per result without an error."""
+    """Yield (results, vectors) per batch: vectors has one row per result without an error.
+
+    Files over ``max_bytes`` (and anything but regular files) come back as failed results.
+    """
     if not items:
         return
     workers = default_workers(embedder.device) if workers is None else workers
-    reader = ImageReader(items, embedder.backbone.eval_transform(), draft_size(embedder.backbone.data_config))
+    reader = ImageReader(items, embedder.backbone.eval_transform(), draft_size(embedder.backbone.data_config),
+                         max_bytes)
     loader = torch.utils.data.DataLoader(
         reader,
         batch_size=batch_size,
@@ -124,12 +129,13 @@ def iter_embeddings(
 
 
 def embed_items(
-    items: Sequence[ImageItem], embedder: Embedder, batch_size: int = 64, workers: int | None = None
+    items: Sequence[ImageItem], embedder: Embedder, batch_size: int = 64, workers: int | None = None,
+    max_bytes: int = MAX_FILE_BYTES,
 ) -> tuple[np.ndarray, list[ReadResult]]:
     """Embed items in memory: (vectors aligned with items, NaN rows for failures; all results)."""
     out = np.full((len(items), embedder.backbone.dim), np.nan, dtype=np.float32)
     all_results: list[ReadResult] = []
-    for results, vectors in iter_embeddings(items, embedder, batch_size, workers):
+    for results, vectors in iter_embeddings(items, embedder, batch_size, workers, max_bytes):
         ok = [r.index for r in results if not r.error]
         out[ok] = vectors
         all_results.extend(results)

@@ -1,26 +1,31 @@
 """``embed``: reader -> mapper -> writer, incremental and crash-safe.
 
 1. discover the collection; 2. plan: skip files already embedded in this space whose size and
-mtime (or, failing that, content hash) are unchanged; 3. decode and embed the rest in batches;
-4. publish each batch as a journal part (durable, atomic); 5. fold the journal into the store.
+mtime (or, failing that, content hash) are unchanged; 3. load the backbone, only when there is
+work (a rerun with nothing new never loads it); 4. decode and embed the rest in batches;
+5. publish each batch as a journal part (durable, atomic); 6. fold the journal into the store.
 A run killed at any point resumes at step 2 on the next call with nothing lost or duplicated.
+An empty collection is refused before anything (store or lock) is written. Steps 1-2 import no
+torch, so a rerun that finds nothing new takes well under a second.
 """
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 from tqdm import tqdm
 
-from .backbones import DEFAULT_BACKBONE, Backbone, default_space_name, load_backbone
-from .data import ImageItem, discover
-from .embedding import Embedder, iter_embeddings
-from .store import Batch, Store, StoreWriter, check_space_compatible, failure_keys
+from . import DEFAULT_BACKBONE
+from .collection import MAX_FILE_BYTES, ImageItem, discover
+from .registry import default_space_name
+from .store import Batch, Store, StoreWriter, check_space_compatible, failure_keys, validate_space_name
 from .utils import hash_file, timed
 
 if TYPE_CHECKING:
+    from .backbones import Backbone
     from .distributed import ShardJob
 
 STORE_DTYPES = ("float16", "float32")
@@ -42,7 +47,7 @@ def plan(items: list[ImageItem], store: Store | None, space: str) -> tuple[list[
             todo.append(it)  # the reader records why
             continue
         row = index.get(it.rel)
-        if row is not None and row in embedded:
+        if row is not None and row in embedded and stat.S_ISREG(st.st_mode):  # never hash a FIFO or device
             if store.images["size"][row] == st.st_size and store.images["mtime"][row] == st.st_mtime:
                 unchanged += 1
                 continue
@@ -78,6 +83,8 @@ def embed(
     cpus_per_worker: float | None = None,
     discovered: tuple[str, Sequence[ImageItem]] | None = None,
     preloaded: Backbone | None = None,
+    follow_symlinks: bool = False,
+    max_bytes: int = MAX_FILE_BYTES,
 ) -> dict[str, Any]:
     """Embed a folder or CSV list of images into an HDF5 store; returns a summary dict.
 
@@ -102,10 +109,16 @@ def embed(
             :func:`embedstore.distributed.embed_ray`.
         discovered: ``(root, items)`` as returned by ``discover(source)``, when already listed.
         preloaded: the loaded backbone for ``backbone``/``weights`` (workers reuse one per process).
+        follow_symlinks: in a folder, embed files that symlinks lead to outside the folder (by
+            default they are recorded as failures).
+        max_bytes: files larger than this are recorded as failures without being read.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
     if engine == "ray":
+        if follow_symlinks or max_bytes != MAX_FILE_BYTES:
+            raise ValueError("follow_symlinks and max_bytes (--follow-symlinks, --max-file-size) are not "
+                             "supported with engine='ray' yet; use the local engine or --shard I/N")
         if shard is not None:
             raise ValueError("--shard runs one shard in this process; it cannot be combined with --engine ray")
         from .distributed import embed_ray
@@ -121,12 +134,14 @@ def embed(
         raise ValueError(f"dtype must be one of {STORE_DTYPES}, not {dtype!r}")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    if max_bytes < 1:
+        raise ValueError("max_bytes must be at least 1")
     stages: dict[str, float] = {}
     t_start = time.perf_counter()
     with timed(stages, "discover"):
-        root, items = discovered if discovered is not None else discover(source)
+        root, items = discovered if discovered is not None else discover(source, follow_symlinks)
         items = list(items)
-    space = space or default_space_name(backbone, weights)
+    space = validate_space_name(space or default_space_name(backbone, weights))
     job: ShardJob | None = None
     if shard is not None:
         from .distributed import prepare_shard
@@ -136,32 +151,41 @@ def embed(
             return job.skipped_summary(backbone)
         root, items = job.root, job.items
     with StoreWriter(job.work if job is not None else store, root=root) as writer:
-        with timed(stages, "load_backbone"):
-            if preloaded is not None and preloaded.name != backbone:
-                raise ValueError(f"preloaded backbone is {preloaded.name!r}, not {backbone!r}")
-            bb = preloaded if preloaded is not None else load_backbone(backbone, weights)
-            embedder = Embedder(bb, device=device, precision=precision)
-        attrs = {**bb.space_attrs(), "dtype": dtype, "precision": embedder.precision, "device": embedder.device.type}
         with timed(stages, "plan"):
             snapshot = writer.snapshot()
             prev = snapshot.spaces.get(space) if snapshot is not None else None
             if prev is None and job is not None and job.base is not None:
                 prev = job.base.spaces.get(space)  # a shard extends the target store's space
-            if prev is not None:
-                check_space_compatible(prev.attrs, attrs, space)
-                attrs["dtype"] = prev.attrs.get("dtype", dtype)
-            attrs["created"] = prev.attrs.get("created") if prev is not None else time.strftime("%Y-%m-%dT%H:%M:%S%z")
             if snapshot is not None and snapshot.root and snapshot.root != root:
                 items = [_rebase(it, snapshot.root) for it in items]
             todo, unchanged, known_failed = plan(items, snapshot, space)
             if job is not None and job.base is not None:  # skip what the target store already has
                 todo, more_unchanged, more_failed = plan(todo, job.base, space)
                 unchanged, known_failed = unchanged + more_unchanged, known_failed + more_failed
+        if todo:
+            from .backbones import load_backbone  # torch and timm: imported only when there is work
+            from .embedding import Embedder, iter_embeddings
+
+            with timed(stages, "load_backbone"):
+                if preloaded is not None and preloaded.name != backbone:
+                    raise ValueError(f"preloaded backbone is {preloaded.name!r}, not {backbone!r}")
+                bb = preloaded if preloaded is not None else load_backbone(backbone, weights)
+                embedder = Embedder(bb, device=device, precision=precision)
+            weights_source, device_type, used_precision = bb.weights, embedder.device.type, embedder.precision
+            attrs = {**bb.space_attrs(), "dtype": dtype, "precision": used_precision, "device": device_type}
+            if prev is not None:
+                check_space_compatible(prev.attrs, attrs, space)
+                attrs["dtype"] = prev.attrs.get("dtype", dtype)
+            attrs["created"] = prev.attrs.get("created") if prev is not None else time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        else:  # nothing to do: no backbone loaded (its weights need not even be present), torch not imported
+            recorded = prev.attrs if prev is not None else {}
+            weights_source = str(recorded.get("weights", weights or ""))
+            device_type, used_precision = str(recorded.get("device", device)), str(recorded.get("precision", precision))
         embedded = failed = 0
         bar = tqdm(total=len(todo), unit="img", desc=f"embed {space}", disable=not progress, file=sys.stderr)
         t_embed = time.perf_counter()
         with timed(stages, "embed"):
-            for results, vectors in iter_embeddings(todo, embedder, batch_size, workers):
+            for results, vectors in iter_embeddings(todo, embedder, batch_size, workers, max_bytes) if todo else ():
                 batch = Batch()
                 k = 0
                 for r in results:
@@ -189,9 +213,9 @@ def embed(
         "store": str(store),
         "space": space,
         "backbone": backbone,
-        "weights": bb.weights,
-        "device": embedder.device.type,
-        "precision": embedder.precision,
+        "weights": weights_source,
+        "device": device_type,
+        "precision": used_precision,
         "images": len(items),
         "embedded": embedded,
         "skipped": unchanged + known_failed,
@@ -210,5 +234,5 @@ def _rebase(item: ImageItem, root: str) -> ImageItem:
     rel = os.path.relpath(item.path, root)
     if rel.startswith(".."):
         rel = item.path
-    return ImageItem(item.path, rel, item.label, item.split)
+    return ImageItem(item.path, rel, item.label, item.split, item.refusal)
 

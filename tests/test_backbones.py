@@ -115,3 +115,83 @@ def test_embeddings_are_deterministic_and_batch_independent(tmp_path: Path):
     a, _ = embed_items(items, embedder, batch_size=9, workers=0)
     b, _ = embed_items(items, embedder, batch_size=4, workers=1)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_registry_table_matches_the_architecture(name: str):
+    """The static table `embedstore backbones` prints (dim, input size) is what the model really has."""
+    import timm
+
+    entry = REGISTRY[name]
+    model = timm.create_model(entry.timm_arch, pretrained=False, num_classes=0).eval()
+    side = timm.data.resolve_data_config({}, model=model)["input_size"][-1]
+    with torch.inference_mode():
+        dim = model(torch.zeros(1, 3, side, side)).shape[-1]
+    assert (entry.dim, entry.input_size) == (dim, side) == (model.num_features, side)
+
+
+def test_cli_backbones_builds_no_model():
+    """Listing is a table lookup: torch and timm are never imported (it took 6.7 s when they were)."""
+    import json
+    import subprocess
+    import sys
+
+    probe = ("import json, sys\nfrom embedstore_cli.main import main\ntry:\n    main(['backbones', '--json'])\n"
+             "except SystemExit:\n    pass\nprint(json.dumps(sorted(m for m in ('torch', 'timm') if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
+    rows, heavy = out.stdout.rsplit("\n", 2)[0], json.loads(out.stdout.strip().splitlines()[-1])
+    assert heavy == [] and '"efficientnet_lite0"' in rows
+
+
+def test_cli_backbones_check_loads_the_installed_ones():
+    from click.testing import CliRunner
+
+    from embedstore_cli.main import main
+
+    res = CliRunner().invoke(main, ["backbones", "--check", "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    checks = {r["name"]: r["check"] for r in json.loads(res.output)}
+    assert checks == {n: "ok" if n in INSTALLED else "not installed" for n in REGISTRY}
+
+
+def _bad_weights(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.pth"
+    if kind == "garbage":
+        path.write_bytes(bytes(range(256)) * 8)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "other_arch":
+        torch.save(load_backbone("test_vit", weights="random").model.state_dict(), path)
+    elif kind == "not_a_state_dict":
+        torch.save([1, 2, 3], path)
+    return path
+
+
+@pytest.mark.parametrize("kind,says", [
+    ("garbage", "not a readable checkpoint"),
+    ("empty", r"is empty \(0 bytes\)"),
+    ("other_arch", "does not fit test_efficientnet"),
+    ("not_a_state_dict", "not a readable checkpoint|no state dict of tensors"),
+])
+def test_bad_weights_file_names_the_file_and_what_was_expected(tmp_path: Path, kind: str, says: str):
+    path = _bad_weights(tmp_path, kind)
+    with pytest.raises(BackboneError, match=says) as err:
+        load_backbone("test_efficientnet", weights=str(path))
+    message = str(err.value)
+    assert str(path) in message and "state dict of test_efficientnet" in message and "\n" not in message
+
+
+def test_cli_bad_weights_file_is_one_line(tmp_path: Path):
+    from click.testing import CliRunner
+
+    from embedstore_cli.main import main
+    from imagegen import make_collection
+
+    folder = make_collection(tmp_path / "photos", per_class=1, splits=())
+    path = _bad_weights(tmp_path, "other_arch")
+    res = CliRunner().invoke(main, ["embed", str(folder), "--backbone", "test_efficientnet", "--weights", str(path),
+                                    "--workers", "0", "--quiet"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and res.output.startswith("Error: weights file")
+    assert "does not fit test_efficientnet" in res.output and "cls_token" in res.output
