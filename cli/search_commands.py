@@ -41,7 +41,7 @@ def _notes(notes: list[str]) -> None:
 @click.option("--target-recall", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="recall@10 against exact search that nprobe / efSearch are tuned to reach.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
-              help="cuda needs faiss's GPU build: pip install 'embedstore[gpu]'.")
+              help="cuda needs faiss's GPU build: pip install -e .[gpu] in a checkout (faiss-gpu-cu12).")
 @click.option("--rebuild", is_flag=True, help="Build from scratch instead of adding new rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar as JSON.")
 @_friendly
@@ -85,17 +85,21 @@ def index_command(store: str, space: str | None, kind: str, memory: str, target_
 @click.option("--space", help="Embedding space (default: the store's first frozen space).")
 @click.option("--where", multiple=True, help="Only images with label=NAME or split=NAME (repeatable).")
 @click.option("--exact", is_flag=True, help="Search exactly even when an index exists.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write every result to FILE.csv or FILE.json.")
+@click.option("--exclude-self", is_flag=True,
+              help="Leave each query's own store row out of its hits (a stored row, path or image file).")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Write every result to FILE.csv or FILE.json (folder queries: STORE.search/FOLDER.csv).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"results": [[{path, score, row, label}, ...], ...]}.')
 @_friendly
 def search_command(store: str, more_images: tuple[str, ...], images: tuple[str, ...], rows: tuple[int, ...],
                    paths: tuple[str, ...], k: int, space: str | None, where: tuple[str, ...], exact: bool,
-                   out: str | None, as_json: bool) -> None:
+                   exclude_self: bool, out: str | None, as_json: bool) -> None:
     """Find the images most similar to query images, store rows or stored paths.
 
     Query images are embedded with the space's own backbone and preprocessing (refused when
     the weights differ from the ones that built the space). Without an index the search is
-    exact, and says so. A folder of queries writes one CSV (or --out FILE.json) of results.
+    exact, and says so. A folder of queries writes one CSV of results beside the store,
+    STORE.search/FOLDER.csv (or where --out says), and prints its path.
     """
     images = images + more_images
     if sum(bool(x) for x in (images, rows, paths)) != 1:
@@ -103,10 +107,11 @@ def search_command(store: str, more_images: tuple[str, ...], images: tuple[str, 
     from embedstore.search import search
 
     result = search(store, images=list(images) or None, rows=list(rows) or None, paths=list(paths) or None,
-                    k=k, space=space, where=list(where), exact=exact)
+                    k=k, space=space, where=list(where), exact=exact, exclude_self=exclude_self)
     folders = [p for p in images if os.path.isdir(p)]
-    if out is None and folders:
-        out = f"{os.path.basename(os.path.normpath(folders[0])) or 'queries'}-search.csv"
+    if out is None and folders:  # beside the store, never in the current directory
+        name = os.path.basename(os.path.abspath(folders[0])) or "queries"
+        out = os.path.join(f"{store}.search", f"{name}.csv")
     if out:
         _write_results(out, result)
         click.echo(f"wrote {len(result['results'])} queries' results to {out}", err=True)
@@ -128,26 +133,35 @@ def _print_results(result: dict[str, Any]) -> None:
 
 
 def _write_results(out: str, result: dict[str, Any]) -> None:
+    """Write the results to ``out`` (.json, else CSV) atomically: a temporary file, then a rename."""
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
-    if out.lower().endswith(".json"):
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2, default=str)
-        return
-    with open(out, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["query", "rank", "path", "score", "row", "label", "error"])
-        for q, hits in zip(result["queries"], result["results"]):
-            if q.get("error"):
-                w.writerow([q["query"], "", "", "", "", "", q["error"]])
-            for i, h in enumerate(hits):
-                w.writerow([q["query"], i + 1, h["path"], h["score"], h["row"], h["label"], ""])
+    tmp = os.path.join(folder, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as f:
+            if out.lower().endswith(".json"):
+                json.dump(result, f, indent=2, default=str)
+            else:
+                w = csv.writer(f)
+                w.writerow(["query", "rank", "path", "score", "row", "label", "error"])
+                for q, hits in zip(result["queries"], result["results"]):
+                    if q.get("error"):
+                        w.writerow([q["query"], "", "", "", "", "", q["error"]])
+                    for i, h in enumerate(hits):
+                        w.writerow([q["query"], i + 1, h["path"], h["score"], h["row"], h["label"], ""])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 @click.command("duplicates")
 @click.argument("store", type=click.Path(dir_okay=False))
-@click.option("--threshold", default=0.95, show_default=True, type=click.FloatRange(-1, 1),
-              help="Cosine similarity at or above which two images count as duplicates.")
+@click.option("--threshold", type=click.FloatRange(-1, 1),
+              help="Cosine similarity at or above which two images count as duplicates "
+                   "[default: 0.825, calibrated on re-encoded, resized and cropped copies by benchmarks/duplicates.py].")
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1),
               help="Neighbours per image in the k-NN graph.")
 @click.option("--space", help="Embedding space (default: the store's first frozen space).")
@@ -157,13 +171,13 @@ def duplicates_command(store: str, threshold: float, k: int, space: str | None, 
     """Groups of near-duplicate images, from the index's k-NN graph (connected components)."""
     from embedstore.search import duplicates
 
-    result = duplicates(store, threshold=threshold, k=k, space=space)
+    result = duplicates(store, k=k, space=space, **({} if threshold is None else {"threshold": threshold}))
     if as_json:
         _emit_json(result)
         return
     groups = result["groups"]
     click.echo(f"{len(groups)} groups of near-duplicates ({result['in_groups']} of {result['images']} images, "
-               f"cosine >= {threshold})")
+               f"cosine >= {result['threshold']})")
     for i, g in enumerate(groups, 1):
         click.echo(f"group {i}: {g['size']} images, lowest linking cosine {g['min_score']:.4f}")
         for m in g["members"]:

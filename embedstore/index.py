@@ -23,7 +23,6 @@ are rebuilt instead, and so is an index whose layout would be chosen differently
 """
 from __future__ import annotations
 
-import fcntl
 import glob
 import json
 import os
@@ -38,6 +37,7 @@ import faiss
 import numpy as np
 
 from .choices import INDEX_KINDS
+from .index_checks import check_params, check_sidecar, check_trainable, faiss_message, valid_generation
 from .store import Space, Store, StoreError, open_store
 from .utils import format_size, parse_size, timed
 
@@ -52,6 +52,10 @@ K_FACTORS = (16, 32, 64, 128)  # re-ranking depths tried, in order, for refined 
 
 class IndexFileError(StoreError):
     """An index file is missing, corrupt or stale; the message names the file and the fix."""
+
+
+class SidecarError(IndexFileError):
+    """An index sidecar is unreadable or inconsistent: the space has no usable index."""
 
 
 # --------------------------------------------------------------------------- vectors
@@ -87,12 +91,13 @@ def exact_knn(queries: np.ndarray, vectors: Any, ids: np.ndarray, k: int,
     """Exact top-k by cosine of normalised ``queries`` over ``vectors`` (optionally only ``positions``).
 
     Streams the vectors in chunks through faiss's blocked search and a running heap, so memory
-    stays at one chunk. Returns (scores, ids), best first, padded with -1 ids when fewer qualify.
+    stays at one chunk. Returns (scores, ids), best first, at most as many columns as rows searched.
     """
     if len(ids) != len(vectors):
         raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     pos = np.arange(len(ids)) if positions is None else np.asarray(positions)
+    k = max(1, min(k, len(pos)))  # never a heap larger than the rows there are
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     for s in iter_chunks(len(pos)):
         p = pos[s]
@@ -186,7 +191,19 @@ def choose_factory(n: int, dim: int, memory: str | int = "4G") -> str:
 
 def resolve_kind(kind: str, n: int, dim: int, memory: str | int = "4G") -> str:
     """The faiss factory string for a ``--kind`` (a kind name or a factory string)."""
-    budget = parse_size(memory)
+    factory = _named_factory(kind, n, dim, parse_size(memory))
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(
+            f"unknown index kind {kind!r}: use one of {', '.join(KINDS)} or a faiss factory string "
+            f"such as 'IVF256,SQ8' ({faiss_message(e)})"
+        ) from None
+    check_trainable(index, factory, kind, n)  # before faiss's own assertion in the middle of training
+    return factory
+
+
+def _named_factory(kind: str, n: int, dim: int, budget: int) -> str:
     if kind == "auto":
         return choose_factory(n, dim, budget)
     if kind == "flat":
@@ -201,13 +218,6 @@ def resolve_kind(kind: str, n: int, dim: int, memory: str | int = "4G") -> str:
         if dim % 4:
             raise ValueError(f"--kind ivf-pq-refine needs a dimension divisible by 4, not {dim}")
         return f"IVF{ivf_lists(n)},PQ{dim // 4}x4fs,RFlat"
-    try:
-        faiss.index_factory(dim, kind, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise ValueError(
-            f"unknown index kind {kind!r}: use one of {', '.join(KINDS)} or a faiss factory string "
-            f"such as 'IVF256,SQ8' ({str(e).strip().splitlines()[-1]})"
-        ) from None
     return kind
 
 
@@ -231,7 +241,7 @@ def kind_name(factory: str) -> str:
 
 
 def faiss_gpus() -> int:
-    """GPUs usable by faiss: 0 unless faiss's GPU build is installed (``embedstore[gpu]``)."""
+    """GPUs usable by faiss: 0 unless faiss's GPU build is installed (the ``gpu`` extra: ``pip install -e ".[gpu]"``)."""
     return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
 
 
@@ -243,7 +253,7 @@ def resolve_faiss_device(device: str = "auto") -> str:
     if device.startswith("cuda"):
         if not faiss_gpus():
             raise RuntimeError(
-                "--device cuda needs faiss's GPU build and a visible GPU: `pip install 'embedstore[gpu]'`, "
+                "--device cuda needs faiss's GPU build and a visible GPU: `pip install -e .[gpu]` in a checkout (faiss-gpu-cu12), "
                 "or use --device cpu"
             )
         return "cuda"
@@ -318,7 +328,11 @@ def train_and_add(index: faiss.Index, vectors: Any, ids: np.ndarray, positions: 
     if not work.is_trained:
         with timed(stages, "train"):
             sample = np.sort(np.random.default_rng(seed).choice(n, _train_size(index, n), replace=False))
-            work.train(normalized(vectors, sample))
+            try:
+                work.train(normalized(vectors, sample))
+            except RuntimeError as e:  # a layout check_trainable does not know
+                raise ValueError(f"faiss could not train this index kind on {len(sample)} vectors ({faiss_message(e)}): "
+                                 "choose --kind auto or flat, fewer lists, or embed more images") from None
     with timed(stages, "add"):
         reserve(work, n)
         add_rows(work, vectors, ids, positions)
@@ -627,11 +641,14 @@ def index_files(store: str | os.PathLike, space: str) -> IndexFiles:
 
 
 def index_files_at(sidecar: Path) -> IndexFiles:
+    """The files a sidecar points to; generation 0 when it is absent, unreadable or tampered with
+    (file names come from the space's name and a small generation number only)."""
     try:
-        generation = int(json.loads(sidecar.read_text()).get("generation", 0))
-    except (OSError, ValueError, TypeError, AttributeError):
+        info = json.loads(sidecar.read_text())
+        generation = info.get("generation", 0) if isinstance(info, dict) else 0
+    except (OSError, ValueError):
         generation = 0
-    return _generation_files(sidecar.parent, sidecar.stem, generation)
+    return _generation_files(sidecar.parent, sidecar.stem, generation if valid_generation(generation) else 0)
 
 
 @dataclass
@@ -676,11 +693,11 @@ def _load_files(files: IndexFiles, path: Path, space: str, st: Store | None) -> 
         raise IndexFileError(f"space {space!r} of {path} has no index ({files.index} is missing): "
                              f"build one with `embedstore index {path} --space {space}`")
     try:
-        info = json.loads(files.sidecar.read_text())
+        info = check_sidecar(json.loads(files.sidecar.read_text()))
         if info.get("format") != FORMAT:
-            raise ValueError(f"format {info.get('format')!r}")
+            raise ValueError(f"its format is not {FORMAT}")
     except (OSError, ValueError) as e:
-        raise IndexFileError(f"index sidecar {files.sidecar} is corrupt ({e}): {_fix(path, space)}") from None
+        raise SidecarError(f"index sidecar {files.sidecar} is corrupt ({e}): {_fix(path, space)}") from None
     if info.get("generation", 0) != files.generation:
         raise IndexFileError(f"index {files.sidecar} changed while it was read: try again")
     for f, key in ((files.index, "bytes"), (files.rows, "rows_bytes")):
@@ -703,7 +720,12 @@ def _load_files(files: IndexFiles, path: Path, space: str, st: Store | None) -> 
         if info.get("weights_sha256") != sp.attrs.get("weights_sha256") or info.get("dim") != sp.dim:
             raise IndexFileError(f"index {files.index} was built for other vectors than space {space!r} now holds "
                                  f"(backbone weights or dimension differ): {_fix(path, space)}")
-    set_params(index, info.get("params", {}))
+    try:
+        check_params(index, info.get("params", {}))
+        set_params(index, info.get("params", {}))
+    except (ValueError, RuntimeError) as e:
+        raise SidecarError(f"index sidecar {files.sidecar} does not fit its index ({faiss_message(e)}): "
+                           f"{_fix(path, space)}") from None
     return LoadedIndex(index, info, state[:, 0].copy(), state[:, 1].copy(), files)
 
 
@@ -743,16 +765,16 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 
 @contextmanager
 def _build_lock(files: IndexFiles) -> Iterator[None]:
+    from .locks import try_lock  # a kernel lock: a killed builder's lock file never blocks the next one
+
     files.lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(files.lock, "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(f"{files.index} is being built by another process: wait for it to finish") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    held = try_lock(files.lock)
+    if isinstance(held, str):
+        raise StoreError(f"{files.index} is being built by {held}: wait for it to finish")
+    try:
+        yield
+    finally:
+        held.release()
 
 
 # --------------------------------------------------------------------------- the store-level API
@@ -770,7 +792,7 @@ def build_index(store: str | os.PathLike | Store, *, space: str | None = None, k
             factory string.
         memory: budget for the index in memory, e.g. ``"4G"`` (``auto`` and ``ivf-pq`` respect it).
         target_recall: recall@10 against exact search that nprobe / efSearch are tuned to reach.
-        device: ``auto``, ``cpu`` or ``cuda`` (faiss's GPU build, ``pip install 'embedstore[gpu]'``).
+        device: ``auto``, ``cpu`` or ``cuda`` (faiss's GPU build: ``pip install -e ".[gpu]"`` in a checkout).
         rebuild: build from scratch even when the index could be extended.
         n_queries: rows held out of the index while tuning (added afterwards).
         seed: seed of the training and held-out samples.
@@ -799,7 +821,8 @@ def build_index(store: str | os.PathLike | Store, *, space: str | None = None, k
         if old is not None:
             stale, fresh = _changes(old, sp, fps)
             if not len(stale) and not len(fresh):
-                return {**old.info, "mode": "unchanged", "added": 0, "removed": 0, "notes": [],
+                return {**old.info, "index_file": str(old.files.index), "space": sp.name,  # never a sidecar's path
+                        "mode": "unchanged", "added": 0, "removed": 0, "notes": [],
                         "stages": {k: round(v, 3) for k, v in stages.items()}}
             if _remove(old, stale, stages, notes):
                 built = _extend(old, factory, sp, fresh, target_recall, n_queries, seed, stages, notes)

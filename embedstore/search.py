@@ -16,30 +16,19 @@ import numpy as np
 from .backbones import load_space_backbone
 from .data import ImageItem, discover, image_extensions
 from .embedding import Embedder, embed_items
-from .index import (IndexFileError, LoadedIndex, exact_knn, index_files, iter_chunks, load_index, normalized,
-                    omp_threads, vector_fingerprints)
+from .errors import QueryError
+from .search_rows import WHERE_KEYS, filter_positions, parse_where, self_rows  # noqa: F401 (API)
+from .index import (IndexFileError, LoadedIndex, SidecarError, exact_knn, index_files, iter_chunks, load_index,
+                    normalized, omp_threads, vector_fingerprints)
 from .store import Space, Store, open_store
 from .utils import timed
 
-WHERE_KEYS = ("label", "split")
 FILTER_EXACT_MAX = 100_000  # filtered queries over at most this many rows are answered exactly
 DUPLICATES_EXACT_MAX = 20_000  # duplicates without an index: exact k-NN up to this many rows
+DUPLICATES_THRESHOLD = 0.825  # default cosine for near-duplicates, from benchmarks/duplicates.py
 
 
 # --------------------------------------------------------------------------- queries
-
-
-def parse_where(where: str | Sequence[str] | None) -> dict[str, str]:
-    """``["label=cat", "split=val"]`` -> ``{"label": "cat", "split": "val"}`` (all must hold)."""
-    if not where:
-        return {}
-    out = {}
-    for clause in [where] if isinstance(where, str) else where:
-        key, sep, value = clause.partition("=")
-        if not sep or key.strip() not in WHERE_KEYS:
-            raise ValueError(f"cannot read --where {clause!r}: use label=NAME or split=NAME")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def expand_images(images: Sequence[str | os.PathLike]) -> list[str]:
@@ -116,24 +105,17 @@ def _index_or_none(st: Store, sp: Space, notes: list[str]) -> LoadedIndex | None
         notes.append(f"no index for space {sp.name!r}: exact search over {len(sp)} vectors "
                      f"(build one with `embedstore index {st.path} --space {sp.name}`)")
         return None
-    loaded = load_index(st, sp.name)
+    try:
+        loaded = load_index(st, sp.name)
+    except SidecarError as e:
+        notes.append(f"no usable index for space {sp.name!r}, exact search over {len(sp)} vectors instead: {e}")
+        return None
     same_rows = np.array_equal(loaded.rows, sp.rows)
     if not same_rows or not np.array_equal(loaded.fingerprints, vector_fingerprints(sp.vectors)):
         notes.append(f"the index of space {sp.name!r} is out of date ({len(loaded.rows)} vectors indexed, "
                      f"{len(sp)} in the store, changed ones included): run `embedstore index {st.path} "
                      f"--space {sp.name}` to bring it up to date")
     return loaded
-
-
-def _filter_positions(sp: Space, where: dict[str, str]) -> np.ndarray | None:
-    if not where:
-        return None
-    keep = np.ones(len(sp), bool)
-    if "label" in where:
-        keep &= np.asarray(sp.labels == where["label"], bool)
-    if "split" in where:
-        keep &= np.asarray(sp.splits == where["split"], bool)
-    return np.flatnonzero(keep)
 
 
 def knn(sp: Space, queries: np.ndarray, k: int, index: LoadedIndex | None,
@@ -178,7 +160,8 @@ def _hits(sp: Space, scores: np.ndarray, rows: np.ndarray) -> list[dict[str, Any
 def search(store: str | os.PathLike | Store, *, images: Sequence[str] | None = None,
            rows: Sequence[int] | None = None, paths: Sequence[str] | None = None,
            vectors: np.ndarray | None = None, k: int = 10, space: str | None = None,
-           where: str | Sequence[str] | None = None, exact: bool = False, device: str = "auto") -> dict[str, Any]:
+           where: str | Sequence[str] | None = None, exact: bool = False, exclude_self: bool = False,
+           device: str = "auto") -> dict[str, Any]:
     """Nearest neighbours by cosine similarity of query images, store rows, stored paths or vectors.
 
     Args:
@@ -187,10 +170,14 @@ def search(store: str | os.PathLike | Store, *, images: Sequence[str] | None = N
         rows: store rows whose stored vectors are the queries.
         paths: stored image paths whose vectors are the queries.
         vectors: raw query vectors of the space's dimension.
-        k: neighbours per query.
+        k: neighbours per query; more than the rows that can be returned gives all of them
+            (a note says so).
         space: embedding space (default: the store's first frozen space).
-        where: filters such as ``"label=cat"`` or ``["split=val"]`` (all must hold).
+        where: filters such as ``"label=cat"`` or ``["split=val"]`` (all must hold); one that
+            no image passes raises ``QueryError`` naming the values there are.
         exact: ignore the index and search exactly.
+        exclude_self: drop each query's own row from its hits (still up to k hits): the row
+            queried, the stored row of a query image's path, else the rows of identical content.
         device: where query images are embedded.
 
     Returns ``{"results": [[{"path", "score", "row", "label"}, ...], ...], "queries": [...],
@@ -200,29 +187,43 @@ def search(store: str | os.PathLike | Store, *, images: Sequence[str] | None = N
     if sum(x is not None for x in (images, rows, paths, vectors)) != 1:
         raise ValueError("give exactly one kind of query: images, rows, paths or vectors")
     if k < 1:
-        raise ValueError(f"k must be at least 1, not {k}")
+        raise QueryError(f"k must be at least 1, not {k}")
     stages: dict[str, float] = {}
     notes: list[str] = []
     filters = parse_where(where)
     with timed(stages, "open_store"):
         st, sp = _open(store, space)
+    positions = filter_positions(sp, filters)
+    available = len(sp) if positions is None else len(positions)
+    if not available:
+        raise QueryError(f"space {sp.name!r} of {st.path} has no vectors yet: run `embedstore embed` first")
+    asked, k = k, min(k, available)  # before anything of size k is allocated
     with timed(stages, "queries"):
         q, described = _queries(st, sp, images, rows, paths, vectors, device)
+    selves = self_rows(st, described, images is not None) if exclude_self else [set() for _ in described]
+    if exclude_self and vectors is not None:
+        notes.append("exclude_self has no effect on vector queries: they are no row of the store")
+    extra = max((len(x) for x in selves), default=0)  # rows to ask for beyond k, dropped afterwards
+    want = min(available, k + extra)
+    if asked > want - extra:
+        notes.append(f"k={asked}: only {available} images can be returned"
+                     f"{' after the filter' if filters else ''}{', the query itself left out' if extra else ''}")
     with timed(stages, "load_index"):
         index = None if exact else _index_or_none(st, sp, notes)
-    positions = _filter_positions(sp, filters)
     with timed(stages, "search"):
         ok = np.array([d.get("error") is None for d in described], bool)
-        scores, found = knn(sp, q[ok], k, index, positions) if ok.any() else (np.empty((0, k)), np.empty((0, k)))
+        scores, found = (knn(sp, q[ok], want, index, positions) if ok.any()
+                         else (np.empty((0, want)), np.empty((0, want))))
     results: list[list[dict[str, Any]]] = [[] for _ in described]
     for i, s, r in zip(np.flatnonzero(ok), scores, found):
-        results[i] = _hits(sp, s, r)
+        results[i] = [h for h in _hits(sp, s, r) if h["row"] not in selves[i]][:k]
     exact_used = index is None or (positions is not None and len(positions) <= FILTER_EXACT_MAX)
     return {
         "results": results,
         "queries": described,
         "space": sp.name,
         "k": k,
+        "exclude_self": bool(exclude_self),
         "where": filters,
         "exact": bool(exact_used),
         "index": None if index is None else {key: index.info.get(key) for key in ("kind", "factory", "params",
@@ -253,7 +254,7 @@ def _queries(st: Store, sp: Space, images: Sequence[str] | None, rows: Sequence[
 # --------------------------------------------------------------------------- duplicates
 
 
-def duplicates(store: str | os.PathLike | Store, *, threshold: float = 0.95, k: int = 10,
+def duplicates(store: str | os.PathLike | Store, *, threshold: float = DUPLICATES_THRESHOLD, k: int = 10,
                space: str | None = None) -> dict[str, Any]:
     """Groups of near-duplicate images: connected components of the k-NN graph cut at ``threshold``.
 
@@ -266,7 +267,9 @@ def duplicates(store: str | os.PathLike | Store, *, threshold: float = 0.95, k: 
     from scipy.sparse.csgraph import connected_components
 
     if not -1 <= threshold <= 1:
-        raise ValueError(f"threshold is a cosine similarity in [-1, 1], not {threshold}")
+        raise QueryError(f"threshold is a cosine similarity in [-1, 1], not {threshold}")
+    if k < 1:
+        raise QueryError(f"k must be at least 1, not {k}")
     stages: dict[str, float] = {}
     notes: list[str] = []
     with timed(stages, "open_store"):
@@ -274,6 +277,8 @@ def duplicates(store: str | os.PathLike | Store, *, threshold: float = 0.95, k: 
     with timed(stages, "load_index"):
         index = _index_or_none(st, sp, notes)
     n = len(sp)
+    if k >= n:
+        notes.append(f"k={k}: the space holds {n} images, so each is compared with all {max(0, n - 1)} others")
     if index is None:
         if n > DUPLICATES_EXACT_MAX:
             raise IndexFileError(f"finding duplicates among {n} vectors needs an index: run "

@@ -137,12 +137,20 @@ def test_cli_index_search_duplicates(tiny_store: Path, collection: Path, cli: cl
     two = runner.invoke(cli, ["search", str(tiny_store), "--query", a, b, "-k", "1"])
     assert two.exit_code == 0 and two.output.count("query ") == 2
 
-    monkeypatch.chdir(tmp_path)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     folder = runner.invoke(cli, ["search", str(tiny_store), "--query", str(collection / "val")])
     assert folder.exit_code == 0, folder.output
-    with open(tmp_path / "val-search.csv") as f:
+    written = Path(f"{tiny_store}.search") / "val.csv"  # beside the store, never in the current directory
+    assert list(cwd.iterdir()) == [] and str(written) in folder.stderr
+    with open(written) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 18 * 10 and rows[0]["rank"] == "1"
+    elsewhere = runner.invoke(cli, ["search", str(tiny_store), "--query", str(collection / "val"),
+                                    "--out", str(tmp_path / "mine.json")])
+    assert elsewhere.exit_code == 0 and len(json.loads((tmp_path / "mine.json").read_text())["results"]) == 18
+    assert list(cwd.iterdir()) == []
 
     assert runner.invoke(cli, ["search", str(tiny_store)]).exit_code == 2  # no query given
 
