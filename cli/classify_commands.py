@@ -32,7 +32,8 @@ def _default_png(store: str, space: str, model: str) -> str:
 @click.option("--preprocess", default="l2", show_default=True, type=click.Choice(PREPROCESS),
               help="Vector preprocessing, fitted on training rows.")
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(2), help="Folds of the cv protocol.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the validation carve and the folds.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the validation carve and the folds (>= 0).")
 @click.option("--confusion", "confusion_png", default=None, type=click.Path(dir_okay=False),
               help="Confusion-matrix PNG of the best head. Default: STORE.<space>.<model>.confusion.png.")
 @click.option("--no-confusion", is_flag=True, help="Do not write the confusion-matrix picture.")
@@ -103,27 +104,41 @@ def classify(store: str, spaces: tuple[str, ...], models: str, protocol: str, pr
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(1), help="Labels shown per image.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
+@click.option("--keep-going", is_flag=True,
+              help="Label the readable images and list each unreadable one as a failure (exit 0); "
+                   "by default an unreadable image is an error (exit 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_friendly
-def predict(head: str, images: tuple[str, ...], top_k: int, device: str, batch_size: int, as_json: bool) -> None:
+def predict(head: str, images: tuple[str, ...], top_k: int, device: str, batch_size: int, keep_going: bool,
+            as_json: bool) -> None:
     """Label IMAGES (files or folders) with a head saved by `embedstore classify --save-head`.
 
     The images are embedded with the backbone recorded in the head (refused if its weights
-    checksum differs), then classified; probabilities come from the head.
+    checksum differs), then classified; probabilities come from the head. --top-k larger than
+    the head's classes shows every class.
     """
+    from embedstore.errors import CollectionError
     from embedstore.heads import load_head, predict_images
     from embedstore_cli.main import _table, emit_json
 
     h = load_head(head)
     preds = predict_images(h, list(images), top_k=top_k, device=device, batch_size=batch_size)
+    failed = [p for p in preds if "error" in p]
+    if failed and not keep_going:
+        listed = "; ".join(f"{p['image']} ({p['error']})" for p in failed[:5])
+        more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+        raise CollectionError(f"{len(failed)} of {len(preds)} image(s) could not be read: {listed}{more}; "
+                              "fix or remove them, or pass --keep-going to label the others")
     if as_json:
         emit_json({"head": str(h.path), "space": h.space, "backbone": h.lineage.get("backbone"), "model": h.model,
-                   "predictions": preds})
+                   "predictions": preds, "failed": len(failed)})
         return
     rows = [[p["image"], p.get("label", "-"), f"{p['probability']:.3f}" if "probability" in p else "-",
              ", ".join(f"{t['label']} {t['p']:.2f}" for t in p["top"]) if "top" in p else f"ERROR {p['error']}"]
             for p in preds]
-    click.echo(_table(rows, ["image", "label", "p", f"top {top_k}"]))
+    click.echo(_table(rows, ["image", "label", "p", f"top {min(top_k, len(h.classes))}"]))
+    if failed:
+        click.echo(f"{len(failed)} of {len(preds)} image(s) could not be read (listed as ERROR above)", err=True)
 
 
 def register(group: click.Group) -> None:

@@ -1,13 +1,19 @@
 """Classical classifier heads over cached features: protocol, model selection, metrics.
 
+Crash safety: reads the store and computes in memory; nothing here writes a file (the CLI writes
+the confusion picture, :mod:`embedstore.heads` saves heads atomically).
+
 Protocol: with train and val/test splits in the store, heads train on ``train`` and are scored
 on ``val`` (and on ``test`` when there is one); otherwise stratified k-fold cross-validation.
 Hyper-parameters are always chosen on a validation part carved from the training rows only
 (a C sweep for linear models and SVMs, as in the CLIP / DINOv2 linear probes; k and the
-temperature for k-NN), then the head is refit on all training rows.
+temperature for the softmax k-NN), then the head is refit on all training rows.
 
 Every head is a scikit-learn ``Pipeline(preprocess, classifier)`` with ``predict_proba``; the
-k-NN head searches with FAISS (exact cosine similarity) and votes DINOv2-style.
+k-NN heads search with FAISS (exact cosine similarity, :mod:`embedstore.knn`). Heads without
+probabilities of their own (and logistic regression) get scikit-learn's temperature scaling,
+``CalibratedClassifierCV(method="temperature", ensemble=False)``: T is fitted on out-of-fold
+decision values of the training rows, the classifier itself on all of them.
 """
 from __future__ import annotations
 
@@ -17,12 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from scipy.linalg import LinAlgWarning
+from sklearn.base import BaseEstimator, clone
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.frozen import FrozenEstimator
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix, f1_score
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix, f1_score,
+                             top_k_accuracy_score)
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import NearestCentroid
 from sklearn.pipeline import Pipeline
@@ -31,155 +40,16 @@ from sklearn.svm import SVC, LinearSVC
 
 from embedstore.choices import PREPROCESS, PROTOCOLS
 
+from .confusion import write_confusion_png  # noqa: F401 (re-exported: embedstore.classify.write_confusion_png)
+from .knn import DINO_TEMPERATURE, FaissKNNClassifier
+from .knn import vote as knn_vote
 from .store import Space, StoreError, open_store
 
-DINO_TEMPERATURE = 0.07
+__all__ = ["FaissKNNClassifier", "MODELS", "best_result", "classify", "fit_head", "score_predictions",
+           "write_confusion_png"]
+
 _C_GRID = tuple(float(c) for c in np.logspace(-3, 4, 8))
-
-
-# --------------------------------------------------------------------------- estimators
-
-
-def _l2(X: np.ndarray) -> np.ndarray:
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _vote(sims: np.ndarray, codes: np.ndarray, n_classes: int, vote: str,
-          temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities and ranking scores from the k nearest neighbours of each query."""
-    if vote == "softmax":  # DINOv2: weights softmax(sim / T), summed per class
-        weights = _softmax(sims / temperature)
-    else:  # plain majority; ties go to the class with the larger summed similarity
-        weights = np.full(sims.shape, 1.0 / sims.shape[1])
-    proba = np.zeros((len(sims), n_classes))
-    np.add.at(proba, (np.arange(len(sims))[:, None], codes), weights)
-    if vote == "softmax":
-        return proba, proba
-    tie = np.zeros_like(proba)
-    np.add.at(tie, (np.arange(len(sims))[:, None], codes), sims)
-    return proba, proba + 1e-6 * tie
-
-
-class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
-    """k-nearest-neighbour classifier on cosine similarity, searched with FAISS.
-
-    Vectors are L2-normalised and searched exactly by inner product (``IndexFlatIP``, BLAS
-    batched, in blocks of queries). ``vote="softmax"`` weights the k neighbours by
-    softmax(similarity / temperature) as in DINOv2's k-NN evaluation; ``vote="majority"`` counts
-    one vote each. The FAISS index is rebuilt from the stored vectors when needed and is never
-    serialised.
-    """
-
-    def __init__(self, k: int = 20, temperature: float = DINO_TEMPERATURE, vote: str = "softmax", block: int = 4096):
-        self.k = k
-        self.temperature = temperature
-        self.vote = vote
-        self.block = block
-
-    def fit(self, X: np.ndarray, y: Sequence) -> "FaissKNNClassifier":
-        if self.vote not in ("softmax", "majority"):
-            raise ValueError(f"vote must be 'softmax' or 'majority', not {self.vote!r}")
-        self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
-        self.train_vectors_ = _l2(X)
-        self.train_codes_ = codes.astype(np.int64)
-        self.n_features_in_ = self.train_vectors_.shape[1]
-        self.__dict__.pop("_index", None)
-        return self
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_index", None)
-        return state
-
-    def kneighbors(self, X: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Cosine similarities and row numbers of the k nearest training vectors."""
-        import faiss
-
-        if "_index" not in self.__dict__:
-            index = faiss.IndexFlatIP(self.n_features_in_)
-            index.add(self.train_vectors_)
-            self._index = index
-        k = min(k or self.k, len(self.train_vectors_))
-        Q = _l2(X)
-        sims, idx = np.empty((len(Q), k), np.float32), np.empty((len(Q), k), np.int64)
-        for s in range(0, len(Q), self.block):
-            sims[s:s + self.block], idx[s:s + self.block] = self._index.search(Q[s:s + self.block], k)
-        return sims, idx
-
-    def _scores(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        sims, idx = self.kneighbors(X)
-        return _vote(sims, self.train_codes_[idx], len(self.classes_), self.vote, self.temperature)
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return self._scores(X)[0]
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[self._scores(X)[1].argmax(1)]
-
-
-class SoftmaxCalibrated(ClassifierMixin, BaseEstimator):
-    """A classifier whose ``predict_proba`` is softmax(decision / T) (temperature scaling).
-
-    Predictions are those of the wrapped estimator; the temperature T is fitted on held-out
-    decision values (see :func:`fit_temperature`). Gives SVMs, ridge and nearest-centroid
-    probabilities, and keeps strongly regularised logistic regressions from being under-confident.
-    """
-
-    def __init__(self, estimator: BaseEstimator | None = None, temperature: float = 1.0):
-        self.estimator = estimator
-        self.temperature = temperature
-
-    def fit(self, X: np.ndarray, y: Sequence) -> "SoftmaxCalibrated":
-        self.estimator_ = _quiet_fit(clone(self.estimator), X, y)
-        self.classes_ = self.estimator_.classes_
-        self.n_features_in_ = self.estimator_.n_features_in_
-        return self
-
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        return _decision_matrix(self.estimator_.decision_function(X))
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return _softmax(self.decision_function(X) / self.temperature)
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.estimator_.predict(X)
-
-
-def _decision_matrix(d: np.ndarray) -> np.ndarray:
-    """(n, n_classes) scores; a binary margin d becomes [-d/2, d/2] so softmax gives sigmoid(d)."""
-    d = np.asarray(d, dtype=np.float64)
-    return np.column_stack([-d / 2, d / 2]) if d.ndim == 1 else d
-
-
-def fit_temperature(scores: np.ndarray, codes: np.ndarray, smoothing: float = 0.01) -> float:
-    """The temperature T minimising the log-loss of softmax(scores / T) on held-out rows.
-
-    The targets are label-smoothed by ``smoothing`` so that a perfectly separated val part
-    gives confident, not infinitely sharp, probabilities.
-    """
-    from scipy.optimize import minimize_scalar
-
-    if len(codes) == 0:
-        return 1.0
-    rows = np.arange(len(codes))
-
-    def loss(log_t: float) -> float:
-        z = scores / np.exp(log_t)
-        z = z - z.max(axis=1, keepdims=True)
-        lse = np.log(np.exp(z).sum(axis=1))
-        return float(np.mean(lse - (1 - smoothing) * z[rows, codes] - smoothing * z.mean(axis=1)))
-
-    scale = float(np.std(scores)) or 1.0
-    res = minimize_scalar(loss, bounds=(np.log(scale) - 8, np.log(scale) + 4), method="bounded")
-    return float(np.exp(res.x))
-
+CALIBRATION_FOLDS = 3  # folds of the out-of-fold decision values that temperature scaling is fitted on
 
 # --------------------------------------------------------------------------- model catalogue
 
@@ -192,14 +62,17 @@ class ModelSpec:
     make: Callable[..., BaseEstimator]
     grid: tuple[dict[str, Any], ...]
     description: str
-    calibrate: bool = False  # wrap in SoftmaxCalibrated, T fitted on the val part
+    calibrate: bool = False  # wrap in CalibratedClassifierCV(method="temperature")
     warm_start: bool = False  # grid ordered by increasing C: reuse the previous solution
     sweep: dict[str, Any] = field(default_factory=dict)  # looser settings for the sweep only
 
 
 def _knn_grid(vote: str) -> tuple[dict[str, Any], ...]:
-    temps = (0.03, DINO_TEMPERATURE, 0.2) if vote == "softmax" else (DINO_TEMPERATURE,)
-    return tuple({"k": k, "temperature": t} for k in (1, 3, 5, 10, 20, 50) for t in temps)
+    """k (and T for the softmax vote; the majority vote has no temperature) swept on the val part."""
+    ks = (1, 3, 5, 10, 20, 50)
+    if vote == "majority":
+        return tuple({"n_neighbors": k} for k in ks)
+    return tuple({"n_neighbors": k, "temperature": t} for k in ks for t in (0.03, DINO_TEMPERATURE, 0.2))
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -305,40 +178,35 @@ def _middle_best(scores: list[float]) -> int:
     return tied[len(tied) // 2]
 
 
-def _select_knn(spec: ModelSpec, Xa: np.ndarray, ya: np.ndarray, Xb: np.ndarray,
-                yb: np.ndarray) -> tuple[int, float, np.ndarray]:
-    """One FAISS search with the largest k scores every (k, T) candidate on the val part."""
+def _select_knn(spec: ModelSpec, Xa: np.ndarray, ya: np.ndarray, Xb: np.ndarray, yb: np.ndarray) -> tuple[int, float]:
+    """One FAISS search with the largest k (clamped to the rows there are) scores every candidate."""
     est = spec.make(**spec.grid[0]).fit(Xa, ya)
-    kmax = max(p["k"] for p in spec.grid)
-    sims, idx = est.kneighbors(Xb, kmax)
+    sims, idx = est.kneighbors(Xb, max(p["n_neighbors"] for p in spec.grid))
     codes = est.train_codes_[idx]
     truth = np.searchsorted(est.classes_, yb)
     known = np.isin(yb, est.classes_)
-    scores, outs = [], []
+    scores = []
     for p in spec.grid:
-        k = min(p["k"], sims.shape[1])
-        proba, rank = _vote(sims[:, :k], codes[:, :k], len(est.classes_), est.vote, p["temperature"])
-        scores.append(float(np.mean((rank.argmax(1) == truth) & known)))
-        outs.append(proba)
+        k = min(p["n_neighbors"], sims.shape[1])
+        proba = knn_vote(sims[:, :k], codes[:, :k], len(est.classes_), est.vote, p.get("temperature"))
+        scores.append(float(np.mean((proba.argmax(1) == truth) & known)))
     i = _middle_best(scores)
-    return i, scores[i], outs[i]
+    return i, scores[i]
 
 
 def select_params(spec: ModelSpec, Xa: np.ndarray, ya: np.ndarray, Xb: np.ndarray,
-                  yb: np.ndarray) -> tuple[dict[str, Any], float, np.ndarray]:
+                  yb: np.ndarray) -> tuple[dict[str, Any], float]:
     """Sweep the spec's grid: fit on the train part (Xa), score accuracy on the val part (Xb).
 
-    Returns the chosen parameters, their val accuracy and the val-part decision scores
-    (used to fit the softmax temperature of margin classifiers).
+    Returns the chosen parameters and their val accuracy.
     """
     if len(spec.grid) == 1:
         est = _quiet_fit(spec.make(**spec.grid[0]), Xa, ya)
-        out = _decision_matrix(est.decision_function(Xb)) if spec.calibrate else np.empty(0)
-        return dict(spec.grid[0]), float(accuracy_score(yb, est.predict(Xb))), out
+        return dict(spec.grid[0]), float(accuracy_score(yb, est.predict(Xb)))
     if isinstance(spec.make(**spec.grid[0]), FaissKNNClassifier):
-        i, score, out = _select_knn(spec, Xa, ya, Xb, yb)
-        return dict(spec.grid[i]), score, out
-    scores, outs, est = [], [], None
+        i, score = _select_knn(spec, Xa, ya, Xb, yb)
+        return dict(spec.grid[i]), score
+    scores, est = [], None
     for p in spec.grid:
         if spec.warm_start and est is not None:
             est.set_params(**p)
@@ -346,9 +214,8 @@ def select_params(spec: ModelSpec, Xa: np.ndarray, ya: np.ndarray, Xb: np.ndarra
             est = spec.make(**p, **spec.sweep)
         _quiet_fit(est, Xa, ya)
         scores.append(float(accuracy_score(yb, est.predict(Xb))))
-        outs.append(_decision_matrix(est.decision_function(Xb)) if spec.calibrate else None)
     i = _middle_best(scores)
-    return dict(spec.grid[i]), scores[i], outs[i] if outs[i] is not None else np.empty(0)
+    return dict(spec.grid[i]), scores[i]
 
 
 def _quiet_fit(est: BaseEstimator, X: np.ndarray, y: np.ndarray) -> BaseEstimator:
@@ -391,18 +258,32 @@ def fit_head(
     y = np.asarray(y)
     t0 = time.perf_counter()
     a, b = carve_validation(y, val_fraction, seed)
-    params, val_score, scores = dict(spec.grid[len(spec.grid) // 2]), None, np.empty(0)
+    params, val_score = dict(spec.grid[len(spec.grid) // 2]), None
     if len(b) and len(np.unique(y[a])) > 1:
         Xa, Xb = _transform(make_preprocess(preprocess, len(a), X.shape[1]), X[a], X[b])
-        params, val_score, scores = select_params(spec, Xa, y[a], Xb, y[b])
+        params, val_score = select_params(spec, Xa, y[a], Xb, y[b])
+    pre = make_preprocess(preprocess, len(y), X.shape[1])
     clf = spec.make(**params)
-    if spec.calibrate:
-        codes = np.searchsorted(np.unique(y[a]), y[b]) if len(scores) else np.empty(0, np.int64)
-        keep = np.isin(y[b], y[a]) if len(scores) else np.empty(0, bool)
-        clf = SoftmaxCalibrated(clf, fit_temperature(scores[keep], codes[keep]) if len(scores) else 1.0)
-    pipe = Pipeline([("preprocess", make_preprocess(preprocess, len(y), X.shape[1])), ("classifier", clf)])
-    _quiet_fit(pipe, X, y)
+    if spec.calibrate and np.unique(y, return_counts=True)[1].min() < CALIBRATION_FOLDS:
+        pipe = _calibrated_on_training_rows(pre, clf, X, y)
+    else:
+        if spec.calibrate:  # T from out-of-fold decision values; one classifier refit on every row
+            clf = CalibratedClassifierCV(clf, method="temperature", cv=CALIBRATION_FOLDS, ensemble=False)
+        pipe = _quiet_fit(Pipeline([("preprocess", pre), ("classifier", clf)]), X, y)
     return FittedHead(spec.name, preprocess, pipe, params, val_score, time.perf_counter() - t0)
+
+
+def _calibrated_on_training_rows(pre: BaseEstimator | str, clf: BaseEstimator, X: np.ndarray,
+                                 y: np.ndarray) -> Pipeline:
+    """Temperature scaling when a class has fewer rows than ``CALIBRATION_FOLDS``: no held-out part
+    exists for it, so T is fitted on the training rows themselves (confident probabilities), for
+    the classifier fitted on all of them (a ``FrozenEstimator``, so out-of-fold values are its values;
+    every row is given twice so that both folds of scikit-learn's split hold every class)."""
+    pre = pre if pre == "passthrough" else clone(pre).fit(X)
+    Xt = X if pre == "passthrough" else pre.transform(X)
+    cal = CalibratedClassifierCV(FrozenEstimator(_quiet_fit(clf, Xt, y)), method="temperature", cv=2)
+    _quiet_fit(cal, np.concatenate([Xt, Xt]), np.concatenate([y, y]))
+    return Pipeline([("preprocess", pre), ("classifier", cal)])
 
 
 # --------------------------------------------------------------------------- metrics
@@ -417,9 +298,36 @@ def score_predictions(y_true: np.ndarray, pred: np.ndarray, proba: np.ndarray,
         "macro_f1": float(f1_score(y_true, pred, average="macro", zero_division=0)),
     }
     if len(classes) > 5:
-        top = np.asarray(classes, dtype=object)[np.argsort(-proba, axis=1)[:, :5]]
-        out["top5_accuracy"] = float(np.mean((top == np.asarray(y_true, dtype=object)[:, None]).any(1)))
+        out["top5_accuracy"] = _top_k_accuracy(y_true, proba, classes, 5)
     return out
+
+
+def _top_k_accuracy(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], k: int) -> float:
+    """scikit-learn's ``top_k_accuracy_score`` (its tie rule), with columns put in sorted label order
+    and rows whose true label no column has (a class absent from training) counted as misses."""
+    names = np.asarray([str(c) for c in classes], dtype=object)
+    order = np.argsort(names, kind="stable")
+    truth = np.asarray([str(t) for t in y_true], dtype=object)
+    known = np.isin(truth, names)
+    if not known.any():
+        return 0.0
+    hit = top_k_accuracy_score(truth[known], np.asarray(proba)[known][:, order], k=k, labels=names[order])
+    return float(hit * known.mean())
+
+
+def best_result(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The best of ``classify``'s result rows: the one rule that ``classify`` and ``report`` share.
+
+    Highest accuracy; ties go to the higher balanced accuracy, then the higher macro-F1, then the
+    head listed first in :data:`MODELS` (logreg, linear-svm, rbf-svm, ridge, knn, knn-majority,
+    centroid), then the space name. Timings are never a tie-break: they differ from run to run,
+    so two runs on the same store would name different heads.
+    """
+    if not results:
+        raise ValueError("no classifier result to choose from")
+    order = {name: i for i, name in enumerate(MODELS)}
+    return min(results, key=lambda r: (-r["accuracy"], -r["balanced_accuracy"], -r.get("macro_f1", 0.0),
+                                       order.get(r["model"], len(order)), r["model"], str(r["space"])))
 
 
 def _rounded(d: dict[str, float]) -> dict[str, float]:
@@ -556,7 +464,7 @@ def classify(
         for row, truth, pred, classes in rows:
             report.results.append(row)
             detail[(row["space"], row["model"])] = (truth, pred, classes)
-    best = max(report.results, key=lambda r: (r["accuracy"], r["balanced_accuracy"], -r["fit_s"]))
+    best = best_result(report.results)
     truth, pred, classes = detail[(best["space"], best["model"])]
     labels = sorted(set(classes) | {str(t) for t in truth})
     report.best = {
@@ -638,60 +546,3 @@ def _mode(params: list[dict[str, Any]]) -> dict[str, Any]:
     """The most frequent parameter choice across folds."""
     keys = [tuple(sorted(p.items())) for p in params]
     return dict(max(set(keys), key=keys.count))
-
-
-# --------------------------------------------------------------------------- confusion picture
-
-
-def write_confusion_png(path: str, matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str = "") -> str:
-    """Draw a confusion matrix (rows: true, columns: predicted) to a PNG file.
-
-    Uses scikit-learn's ``ConfusionMatrixDisplay`` when matplotlib is installed, else Pillow.
-    """
-    cm = np.asarray(matrix, dtype=np.int64)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from sklearn.metrics import ConfusionMatrixDisplay
-    except ImportError:
-        _confusion_pillow(path, cm, [str(x) for x in labels], title)
-        return path
-    n = len(labels)
-    fig, ax = plt.subplots(figsize=(max(4, 0.6 * n + 2), max(4, 0.6 * n + 2)))
-    display = ConfusionMatrixDisplay(cm, display_labels=list(labels))
-    display.plot(ax=ax, cmap="Blues", xticks_rotation=45, colorbar=False)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _confusion_pillow(path: str, cm: np.ndarray, labels: list[str], title: str) -> None:
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    n, cell = len(labels), 44
-    names = [lab if len(lab) <= 18 else lab[:17] + "…" for lab in labels]
-    left = 16 + 7 * max(len(s) for s in names)
-    top = 40 + 7 * max(len(s) for s in names)
-    im = Image.new("RGB", (left + n * cell + 20, top + n * cell + 40), "white")
-    d = ImageDraw.Draw(im)
-    d.text((10, 8), title, fill="black", font=font)
-    peak = max(int(cm.max()), 1)
-    for i in range(n):
-        d.text((8, top + i * cell + cell // 2 - 5), names[i], fill="black", font=font)
-        column = Image.new("RGB", (7 * len(names[i]) + 4, 14), "white")
-        ImageDraw.Draw(column).text((2, 1), names[i], fill="black", font=font)
-        im.paste(column.rotate(90, expand=True), (left + i * cell + cell // 2 - 7, top - 8 - column.width))
-        for j in range(n):
-            v = int(cm[i, j])
-            shade = int(255 - 200 * v / peak)
-            box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1]
-            d.rectangle(box, fill=(shade, shade, 255), outline=(200, 200, 200))
-            d.text((box[0] + cell // 2 - 3 * len(str(v)), box[1] + cell // 2 - 5), str(v),
-                   fill="white" if shade < 128 else "black", font=font)
-    d.text((left, top + n * cell + 12), "rows: true label, columns: predicted", fill="black", font=font)
-    im.save(path)

@@ -8,8 +8,13 @@ A head folder holds two files::
 
 Loading never executes code from the folder: the payload's sha256 must match the manifest
 (a changed or swapped file is refused), and skops only builds scikit-learn, NumPy and SciPy
-objects plus the two embedstore estimator classes listed in :data:`TRUSTED`. A head refuses
-vectors from another space (other backbone, weights or dimension).
+objects plus the classes listed in :data:`TRUSTED` (the FAISS k-NN classifier and scikit-learn's
+temperature-scaling internals). A head refuses vectors from another space (other backbone,
+weights or dimension). A manifest missing a field, or a payload that is not a file, is one
+:class:`HeadError` naming the file and the fix (save the head again), before anything is loaded.
+
+Crash safety: payload first, manifest last, each written to a temporary file and renamed into
+place, so a crash leaves the previous head or none, never a manifest paired with another payload.
 """
 from __future__ import annotations
 
@@ -23,18 +28,22 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .errors import HeadError
 from .store import Space
 
-HEAD_FORMAT = "embedstore-head/1"
+__all__ = ["HEAD_FORMAT", "Head", "HeadError", "load_head", "predict_images", "save_head"]
+
+# /2: k-NN heads take n_neighbors and temperature scaling is scikit-learn's (/1 heads held
+# embedstore.classify.SoftmaxCalibrated, which no longer exists)
+HEAD_FORMAT = "embedstore-head/2"
 MANIFEST = "head.json"
 PAYLOAD = "head.skops"
-TRUSTED = ("embedstore.classify.FaissKNNClassifier", "embedstore.classify.SoftmaxCalibrated")
+TRUSTED = ("embedstore.knn.FaissKNNClassifier", "sklearn.calibration._CalibratedClassifier",
+           "sklearn.calibration._TemperatureScaling")
 LINEAGE_KEYS = ("backbone", "weights", "weights_sha256", "preprocessing", "pooling", "dim", "dtype")
 _SPACE_KEYS = ("backbone", "weights_sha256", "dim")
-
-
-class HeadError(ValueError):
-    """A head cannot be saved, loaded or applied; the message names the file and the fix."""
+# manifest fields that loading and predicting read, with the type each must have
+_REQUIRED = {"space": str, "lineage": dict, "model": str, "classes": list, "payload_sha256": str}
 
 
 @dataclass
@@ -82,7 +91,8 @@ class Head:
     def top_k(self, X: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
         """The k most probable (class, probability) pairs of each vector, best first."""
         proba = self.predict_proba(X)
-        order = np.argsort(-proba, axis=1)[:, : max(1, k)]
+        k = max(1, min(int(k), proba.shape[1]))  # never more pairs than there are classes
+        order = np.argsort(-proba, axis=1)[:, :k]
         return [[(self.classes[j], float(proba[i, j])) for j in row] for i, row in enumerate(order)]
 
     def predict_space(self, space: Space, where: str | None = None) -> np.ndarray:
@@ -181,16 +191,22 @@ def load_head(folder: str | os.PathLike) -> Head:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise HeadError(f"{mpath} is not a readable head manifest ({e}): save the head again") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != HEAD_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise HeadError(f"{mpath} is not an embedstore head (format {found!r}, expected {HEAD_FORMAT!r}): "
-                        "save the head again with `embedstore classify --save-head`")
+    except OSError as e:
+        raise HeadError(f"cannot read {mpath} ({e.strerror or e}): check its permissions") from None
+    _check_manifest(manifest, mpath)
     ppath = folder / PAYLOAD
     try:
         payload = ppath.read_bytes()
     except FileNotFoundError:
-        raise HeadError(f"{ppath} is missing: the head folder is incomplete; save the head again") from None
-    if _sha256(payload) != manifest.get("payload_sha256"):
+        raise HeadError(f"{ppath} is missing: the head folder is incomplete; save the head again with "
+                        f"`embedstore classify STORE.h5 --save-head {folder}`") from None
+    except IsADirectoryError:
+        raise HeadError(f"{ppath} is a folder, not a head payload file: the head folder is damaged; save the head "
+                        f"again with `embedstore classify STORE.h5 --save-head {folder}`") from None
+    except OSError as e:
+        raise HeadError(f"cannot read {ppath} ({e.strerror or e}): check its permissions, or save the head again "
+                        f"with `embedstore classify STORE.h5 --save-head {folder}`") from None
+    if _sha256(payload) != manifest["payload_sha256"]:
         raise HeadError(f"{ppath} does not match the sha256 recorded in {mpath}: the file was changed or swapped; "
                         "it was not loaded. Save the head again from its store")
     try:
@@ -212,6 +228,31 @@ def load_head(folder: str | os.PathLike) -> Head:
     return Head(estimator=estimator, space=manifest["space"], lineage=manifest["lineage"], model=manifest["model"],
                 classes=classes, params=manifest.get("params", {}), preprocess=manifest.get("preprocess", ""),
                 metrics=manifest.get("metrics", {}), path=folder)
+
+
+def _check_manifest(manifest: Any, mpath: Path) -> None:
+    """Refuse a manifest of another format or missing a field that loading or predicting reads."""
+    fix = f"save the head again with `embedstore classify STORE.h5 --save-head {mpath.parent}`"
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found == "embedstore-head/1":
+        raise HeadError(f"{mpath} is a head saved by an older embedstore (format {found!r}, this one reads "
+                        f"{HEAD_FORMAT!r}): {fix}")
+    if found != HEAD_FORMAT:
+        raise HeadError(f"{mpath} is not an embedstore head (format {found!r}, expected {HEAD_FORMAT!r}): {fix}")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(manifest.get(key), kind):
+            what = "has no" if key not in manifest else f"has a {type(manifest[key]).__name__}, not a {kind.__name__}, as"
+            raise HeadError(f"{mpath} {what} {key!r}: the manifest is incomplete or was edited; {fix}")
+    lineage = manifest["lineage"]
+    missing = [k for k in LINEAGE_KEYS if k not in lineage]
+    if missing:
+        raise HeadError(f"{mpath}: its lineage lacks {', '.join(missing)}: the manifest is incomplete or was edited; "
+                        f"{fix}")
+    try:
+        if int(lineage["dim"]) < 1:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise HeadError(f"{mpath}: its lineage has dim={lineage['dim']!r}, not a vector size: {fix}") from None
 
 
 def expand_images(sources: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:

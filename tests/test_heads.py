@@ -126,3 +126,96 @@ def test_missing_or_foreign_head_folder_names_the_fix(tmp_path: Path) -> None:
     (tmp_path / MANIFEST).write_text('{"format": "something-else"}')
     with pytest.raises(HeadError, match="not an embedstore head"):
         load_head(tmp_path)
+
+
+def _edit_manifest(folder: Path, edit) -> None:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    edit(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_damaged_head_folders_are_clear_errors_naming_the_file_and_the_fix(saved: tuple[Path, object],
+                                                                          tmp_path: Path) -> None:
+    """A manifest missing a field (lineage, ...), a broken lineage, a payload that is a folder, a head
+    of the older format: one HeadError each (CLI: one `Error:` line, exit 1), never KeyError or
+    IsADirectoryError."""
+    import shutil
+
+    folder, _ = saved
+
+    def damaged(name: str, edit=None) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(folder, copy)
+        if edit:
+            _edit_manifest(copy, edit)
+        return copy
+
+    for field in ("lineage", "classes", "payload_sha256", "space"):
+        copy = damaged(f"no-{field}", lambda m, f=field: m.pop(f))
+        with pytest.raises(HeadError, match=rf"{MANIFEST} has no '{field}'.*--save-head"):
+            load_head(copy)
+        res = CliRunner().invoke(cli(), ["predict", str(copy), str(copy / MANIFEST)])
+        assert res.exit_code == 1 and res.output.startswith("Error: ") and f"no '{field}'" in res.output
+        assert not isinstance(res.exception, KeyError)
+    with pytest.raises(HeadError, match="lineage lacks dim.*--save-head"):
+        load_head(damaged("no-dim", lambda m: m["lineage"].pop("dim")))
+    with pytest.raises(HeadError, match="dim='wide'"):
+        load_head(damaged("bad-dim", lambda m: m["lineage"].update(dim="wide")))
+    with pytest.raises(HeadError, match="older embedstore.*--save-head"):
+        load_head(damaged("old", lambda m: m.update(format="embedstore-head/1")))
+
+    folder_payload = damaged("payload-folder")
+    (folder_payload / PAYLOAD).unlink()
+    (folder_payload / PAYLOAD).mkdir()
+    with pytest.raises(HeadError, match=rf"{PAYLOAD} is a folder.*--save-head"):
+        load_head(folder_payload)
+    res = CliRunner().invoke(cli(), ["predict", str(folder_payload), str(folder / MANIFEST)])
+    assert res.exit_code == 1 and "is a folder" in res.output and not isinstance(res.exception, IsADirectoryError)
+
+
+def test_head_error_is_an_embedstore_error() -> None:
+    from embedstore.errors import EmbedstoreError
+    from embedstore.errors import HeadError as FromErrors
+
+    assert HeadError is FromErrors and issubclass(HeadError, EmbedstoreError) and issubclass(HeadError, ValueError)
+
+
+def _corrupt_jpg(tmp_path: Path) -> Path:
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)  # a JPEG header, then nothing decodable
+    return bad
+
+
+def test_predict_on_an_unreadable_image_fails_or_keeps_going(saved: tuple[Path, object], tmp_path: Path,
+                                                             collection: Path) -> None:
+    """F16: without --keep-going an unreadable image is an error (exit 1) that names the file; with it
+    the failure is listed with its reason and the others are labelled (exit 0)."""
+    folder, _ = saved
+    bad = _corrupt_jpg(tmp_path)
+    good = sorted((collection / "val" / "red_disc").iterdir())[:2]
+    args = ["predict", str(folder), str(good[0]), str(bad), str(good[1])]
+    res = CliRunner().invoke(cli(), args)
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("Error: 1 of 3 image(s) could not be read") and str(bad) in res.output
+    assert "--keep-going" in res.output
+    res = CliRunner().invoke(cli(), [*args, "--json"])
+    assert res.exit_code == 1 and "corrupt.jpg" in res.output
+
+    res = CliRunner().invoke(cli(), [*args, "--keep-going", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["failed"] == 1 and [p.get("label") for p in out["predictions"]] == ["red_disc", None, "red_disc"]
+    assert out["predictions"][1]["image"] == str(bad) and out["predictions"][1]["error"]
+    res = CliRunner().invoke(cli(), [*args, "--keep-going"])
+    assert res.exit_code == 0, res.output
+    line = next(li for li in res.stdout.splitlines() if li.startswith(str(bad)))
+    assert "ERROR" in line
+    assert "1 of 3 image(s) could not be read" in res.stderr
+
+    # an absurd --top-k shows every class once (no allocation of that size)
+    res = CliRunner().invoke(cli(), ["predict", str(folder), str(good[0]), "--json", "--top-k", str(10 ** 12)])
+    assert res.exit_code == 0, res.output
+    top = json.loads(res.stdout)["predictions"][0]["top"]
+    assert sorted(t["label"] for t in top) == ["blue_stripes", "green_square", "red_disc"]
+    head = load_head(folder)
+    assert len(head.top_k(np.zeros((2, head.lineage["dim"])), 10 ** 15)[0]) == 3
