@@ -12,7 +12,7 @@ from embedstore_cli.friendly import friendly as _friendly
 
 
 def default_out(store: str) -> str:
-    """``photos.h5`` -> ``photos.report.html`` next to it."""
+    """``photos.h5`` -> ``photos.report.html`` next to it (wherever the command runs)."""
     return f"{os.path.splitext(store)[0]}.report.html"
 
 
@@ -30,11 +30,13 @@ def default_out(store: str) -> str:
               help="Classifier heads to compare: comma list, 'all' (slower), or 'none' to skip.")
 @click.option("--threshold", default=0.95, show_default=True, type=click.FloatRange(-1, 1),
               help="Cosine similarity at or above which images count as near-duplicates.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the samples and of the 2-D map.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2 ** 32 - 1),
+              help="Seed of the samples and of the 2-D map.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object (with seconds per stage).")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @_friendly
 def report(store: str, out: str | None, spaces: tuple[str, ...], max_points: int, queries: int, k: int, models: str,
-           threshold: float, seed: int, as_json: bool) -> None:
+           threshold: float, seed: int, as_json: bool, quiet: bool) -> None:
     """Write one self-contained HTML page about STORE: open it in any browser, offline.
 
     \b
@@ -50,7 +52,9 @@ def report(store: str, out: str | None, spaces: tuple[str, ...], max_points: int
       fine-tuning     frozen vs fine-tuned space, when `embedstore finetune` made one
     Thumbnails, plots and script are inline: nothing is fetched when the page opens.
     Big collections are sampled (--max-points, --queries) and the page says how.
-    Images whose file is gone show a grey placeholder.
+    Images whose file is gone, or no longer matches the content hash recorded when it
+    was embedded, show a grey placeholder (a store's paths are not trusted).
+    A progress line per stage goes to stderr (not with --json or --quiet).
 
     \b
     Examples:
@@ -62,21 +66,20 @@ def report(store: str, out: str | None, spaces: tuple[str, ...], max_points: int
     from embedstore_cli.main import emit_json
 
     out = out or default_out(store)
+    say = None if as_json or quiet else (lambda line: click.echo(line, err=True))
     summary = write_report(store, out, space=list(spaces) or None, max_points=max_points, queries=queries, k=k,
-                           models=models, threshold=threshold, seed=seed)
+                           models=models, threshold=threshold, seed=seed, progress=say)
     if as_json:
         emit_json(summary)
         return
     maps = ", ".join(f"{name}: {s['map_points']} of {s['of']} points ({summary['projection'][name]})"
                      for name, s in summary["sampled"].items())
-    click.echo(f"wrote {summary['path']} ({format_size(summary['bytes'])}B) in {summary['seconds']['total']:.1f}s")
+    click.echo(f"wrote {summary['path']} ({format_size(summary['bytes'])}B) in {summary['stages']['total']:.1f}s")
     click.echo(f"  sections: {', '.join(summary['sections'])}")
     click.echo(f"  maps: {maps}")
     if summary["classifiers"]:
         best = summary["classifiers"]
         click.echo(f"  best head: {best['space']} / {best['model']} ({best['accuracy']:.4f} accuracy)")
-    if summary["missing_images"]:
-        click.echo(f"  {summary['missing_images']} image file(s) missing or unreadable: shown as placeholders")
     for note in summary["notes"]:
         click.echo(f"note: {note}", err=True)
 
