@@ -204,6 +204,7 @@ def ray_cluster() -> Any:
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_engine_equals_local_and_skips_finished_shards(tmp_path: Path, images: Path, reference: Path,
                                                             ray_cluster: Any):
     store = tmp_path / "ray.h5"
@@ -216,6 +217,7 @@ def test_ray_engine_equals_local_and_skips_finished_shards(tmp_path: Path, image
     assert not dist.shards_dir(store).exists()
 
 
+@pytest.mark.slow
 def test_ray_worker_killed_mid_shard_loses_and_duplicates_nothing(tmp_path: Path, images: Path, reference: Path,
                                                                   ray_cluster: Any, monkeypatch: pytest.MonkeyPatch):
     store, flag = tmp_path / "killed.h5", tmp_path / "kill-flag"

@@ -4,8 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import embedstore
+
+pytestmark = pytest.mark.slow  # 398 photos through the default backbone
 
 
 def test_hymenoptera_embeds_with_the_default_backbone(tmp_path: Path, hymenoptera: Path):

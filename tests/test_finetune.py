@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import embedstore
-from conftest import TINY_BACKBONE, make_collection
+from imagegen import TINY_BACKBONE, make_collection
 from embedstore.backbones import load_backbone, load_space_backbone
 from embedstore.data import decode_image
 from embedstore.errors import EmbedstoreError
@@ -93,6 +93,7 @@ def tuned(stripes_store: tuple[Path, Path]) -> dict:
         torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.slow
 def test_finetuning_beats_the_frozen_probe(stripes_store: tuple[Path, Path], tuned: dict):
     store, _ = stripes_store
     assert tuned["finished"] and tuned["out_space"] == "frozen-ft" and tuned["val_source"] == "val"
@@ -111,6 +112,7 @@ def test_finetuning_beats_the_frozen_probe(stripes_store: tuple[Path, Path], tun
     assert acc["frozen-ft"] >= acc["frozen"] + 0.08
 
 
+@pytest.mark.slow
 def test_frozen_stages_are_untouched_and_trained_ones_changed(stripes_store: tuple[Path, Path], tuned: dict):
     _, parent_weights = stripes_store
     before = load_file(str(parent_weights))
@@ -126,6 +128,7 @@ def test_frozen_stages_are_untouched_and_trained_ones_changed(stripes_store: tup
             assert same, f"{name} is frozen but changed"
 
 
+@pytest.mark.slow
 def test_new_space_records_lineage_and_reloads(stripes_store: tuple[Path, Path], tuned: dict):
     store, _ = stripes_store
     st = embedstore.open_store(store)
@@ -144,6 +147,7 @@ def test_new_space_records_lineage_and_reloads(stripes_store: tuple[Path, Path],
     assert bb.weights_sha256 == a["weights_sha256"]
 
 
+@pytest.mark.slow
 def test_a_stopped_run_resumes_into_the_same_weights(tmp_path: Path, tiny_store: Path):
     a, b = tmp_path / "a" / "s.h5", tmp_path / "b" / "s.h5"
     for copy in (a, b):

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import embedstore
 from imagegen import TINY_BACKBONE, make_collection
@@ -20,6 +21,7 @@ def embed_cmd(src: Path, store: Path) -> list[str]:
             "--precision", "fp32", "--quiet", "--json"]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume(tmp_path: Path):
     src = make_collection(tmp_path / "imgs", per_class=40, splits=())
     (src / "red_disc" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")

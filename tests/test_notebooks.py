@@ -1,7 +1,9 @@
 """The notebooks run top to bottom on the built-in example, so they never rot.
 
-Each notebook is executed with nbclient in a fresh kernel, in a temporary folder (they write
-their work folders relative to the working directory). A cell that raises, including the
+Fast: every `embedstore ...` command a notebook shows (Markdown shell blocks, inline code, shell
+escapes) parses with the real CLI. Slow (``-m slow``): each notebook is executed with nbclient
+in a fresh kernel, in a temporary folder (they write their work folders relative to the working
+directory). A cell that raises, including the
 notebooks' own sanity ``assert``s, fails the test. The executed notebooks, outputs included,
 are kept in the ``artifacts`` folder (tests/conftest.py).
 """
@@ -12,6 +14,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from support.cli_lines import code_cell_commands, markdown_commands, problems
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -41,6 +45,16 @@ def test_notebook_uses_the_public_api_only(path: Path) -> None:
             assert not private, f"{path.name} uses private names {private}"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_commands_exist_in_the_cli(path: Path) -> None:
+    """A shell line in a notebook is not executed by the notebook test; parse it with the CLI."""
+    commands = []
+    for cell in nbformat.read(path, as_version=4).cells:
+        commands += markdown_commands(cell.source) if cell.cell_type == "markdown" else code_cell_commands(cell.source)
+    assert not problems(commands), f"{path.name}: commands the CLI refuses:\n" + "\n".join(problems(commands))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(path: Path, tmp_path: Path, artifacts: Path) -> None:
     book = nbformat.read(path, as_version=4)

@@ -19,3 +19,14 @@ def test_quick_start_is_two_commands_that_ci_runs():
     for command in commands:
         assert command in ci, f".ci/run does not run the README command: {command}"
     assert "torch==2.14.1" in commands[0] and "embedstore demo" in commands[0]
+
+
+def test_ci_runs_the_slow_tier_that_the_readme_command_leaves_out():
+    """`python -m pytest -q` is the fast tier (pyproject deselects @pytest.mark.slow); CI runs both."""
+    import tomllib
+
+    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "-m 'not slow'" in options["addopts"] and any(m.startswith("slow:") for m in options["markers"])
+    ci = [line.split("#")[0].strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert "python -m pytest -q" in ci and "python -m pytest -q -m slow" in ci
+    assert ci.index("python -m pytest -q") < ci.index("python -m pytest -q -m slow")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,7 @@ import embedstore
 from embedstore.index import index_files, load_index, normalized
 from faultkit import KillReport, cli, kill_loop, timed_run
 from imagegen import TINY_BACKBONE, make_collection
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from test_index import clustered, write_store  # noqa: E402
+from test_index import clustered, write_store  # tests/ is on the path: pytest's pythonpath, benchmarks/faults.py
 
 
 def _run_json(cmd: list[str]) -> tuple[dict[str, Any], float]:

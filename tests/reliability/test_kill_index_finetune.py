@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from scenarios import finetune_kills, index_kills
+
+pytestmark = pytest.mark.slow  # SIGKILL loops of real index and finetune processes: python -m pytest -m slow
 
 
 def test_killed_index_builds_leave_a_whole_index_and_converge(tmp_path: Path) -> None:

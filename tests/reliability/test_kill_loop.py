@@ -6,9 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from imagegen import make_collection  # tests/conftest.py
 from faultkit import compare_stores, consistent_prefix, embed_cmd, kill_loop, start_over_after_completion, timed_run
 from embedstore.store import journal_dir, list_parts
+
+pytestmark = pytest.mark.slow  # twenty SIGKILLs of real embed processes: python -m pytest -m slow
 
 KILLS = 20
 

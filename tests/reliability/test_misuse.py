@@ -22,6 +22,8 @@ from embedstore.store import list_parts
 from faultkit import cli, embed_cmd
 from imagegen import TINY_BACKBONE, draw_image, make_collection
 
+pytestmark = pytest.mark.slow  # dozens of real CLI processes against damaged stores, heads and indexes: python -m pytest -m slow
+
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import embedstore
 from embedstore.classify import classify
@@ -19,6 +20,8 @@ from embedstore.search import search
 from embedstore.store import list_parts
 from faultkit import embed_cmd
 from imagegen import CLASS_STYLES, draw_image
+
+pytestmark = pytest.mark.slow  # readers polling a real embed process while it runs: python -m pytest -m slow
 
 TOTAL = 3 * 120
 
