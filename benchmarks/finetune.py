@@ -3,7 +3,7 @@
 Per data set:
 (a) frozen: ``embedstore.embed`` into a fresh store, then ``classify(models="logreg")`` (C chosen
     on a part of train; scored on val and on a held-out test split);
-(b) fine-tuned: ``embedstore.finetune.finetune`` (last N stages, a few epochs, early stopping on
+(b) fine-tuned: ``embedstore.finetune`` (last N stages, a few epochs, early stopping on
     val), which re-embeds every image into a new space; then the same logistic regression on it.
     The network's own head is scored on val only, where its best epoch was chosen (optimistic);
     test is touched by neither run, so the test column is the fair comparison.
@@ -34,9 +34,9 @@ from typing import Any
 import torch
 
 import embedstore
-from embedstore.classify import classify
+from embedstore.heads import classify
 from embedstore.data import ImageItem, discover
-from embedstore.finetune import finetune
+from embedstore.finetuning import finetune
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets"

@@ -5,7 +5,7 @@
     mode, no gradients), the head trained with Adam (lr 1e-3) for N epochs on RandomResizedCrop +
     horizontal-flip images; val accuracy after every epoch, the best one reported. The body runs
     through ``embedstore.Embedder`` (same device, precision and normalisation as (b)).
-(b) embedstore: ``embedstore.embed`` once into a fresh store, then ``embedstore.classify.classify``
+(b) embedstore: ``embedstore.embed`` once into a fresh store, then ``embedstore.classify``
     with every head (hyper-parameters chosen on a part of train only; scored on val).
 
     python benchmarks/transfer.py                                   # both sets, full settings
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import embedstore
-from embedstore.classify import DEFAULT_MODELS, classify
+from embedstore.heads import DEFAULT_MODELS, classify
 from embedstore.data import decode_image, discover
 from embedstore.embedding import Embedder
 

@@ -51,8 +51,8 @@ def classify(store: str, spaces: tuple[str, ...], models: str, protocol: str, pr
     chosen on a part carved from the training rows only; scores come from val/test
     (split protocol) or out-of-fold predictions (cv).
     """
-    from embedstore.classify import classify as run
-    from embedstore.classify import write_confusion_png
+    from embedstore.heads import classify as run
+    from embedstore.heads import write_confusion_png
     from embedstore_cli.main import _table, emit_json
 
     report = run(store, spaces=list(spaces) or None, models=models, protocol=protocol, preprocess=preprocess,

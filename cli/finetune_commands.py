@@ -58,7 +58,7 @@ def finetune(store: str, space: str | None, unfreeze: int, epochs: int, lr: floa
     (its attrs record the parent space, the checkpoint's sha256 and the training settings):
       embedstore classify STORE      # frozen and fine-tuned spaces side by side
     """
-    from embedstore.finetune import finetune as run
+    from embedstore.finetuning import finetune as run
     from embedstore_cli.main import _table, emit_json
 
     s = run(store, space=space, unfreeze=unfreeze, epochs=epochs, lr=lr, batch_size=batch_size, device=device,

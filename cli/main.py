@@ -69,7 +69,7 @@ def backbones(as_json: bool, check: bool) -> None:
       with --weights FILE        a local .pth/.safetensors state dict for that architecture
       with --weights random      a seeded untrained network (for tests and baselines)
     """
-    from embedstore.registry import list_backbones  # a static table: no torch, no model built
+    from embedstore.backbones import list_backbones  # a static table: no torch, no model built
 
     rows = list_backbones()
     if check:

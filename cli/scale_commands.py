@@ -1,4 +1,4 @@
-"""``embedstore merge``: a thin layer over :func:`embedstore.distributed.merge`.
+"""``embedstore merge``: a thin layer over :func:`embedstore.pipeline.merge`.
 Add it to a group with ``register(group)``; the shard and Ray options live on ``embedstore embed``."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def merge_command(store: str, files: tuple[str, ...], expect: int | None, keep: 
     The result has the schema of a local run; a merge that is killed is completed by the next
     writer of STORE, and merging a shard twice changes nothing.
     """
-    from embedstore.distributed import merge
+    from embedstore.pipeline import merge
 
     summary = merge(store, list(files) or None, expect=expect, remove=not keep)
     if as_json:

@@ -1,42 +1,50 @@
 """embedstore: embed image collections once with frozen pretrained backbones, reuse them forever.
 
-Data flow, as the modules read: backbones -> data -> embedding -> pipeline -> store.
-Names are imported lazily, so ``import embedstore`` (and ``embedstore info``) stay fast. The
-stage functions named like their modules live there: ``embedstore.classify.classify``.
+The sub-packages follow the data flow::
+
+    data -> backbones -> embedding -> pipeline -> store -> index -> search -> heads -> finetuning -> report
+
+Every name below works after a plain ``import embedstore``; each is imported on first use, so
+``import embedstore`` (and ``embedstore info``) stay fast. The sub-packages themselves are
+attributes too (``embedstore.search.search``, ``embedstore.index.build_index``).
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from .errors import BackboneError, CollectionError, EmbedstoreError, StoreError, StoreLockedError
+from .errors import BackboneError, CollectionError, EmbedstoreError, HeadError, IndexFileError, StoreError, StoreLockedError
 
 __version__ = "0.1.0"
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
-_LAZY = {
+SUBPACKAGES = ("data", "backbones", "embedding", "pipeline", "store", "index", "search", "heads", "finetuning",
+               "report", "demo", "choices", "errors")
+
+_LAZY = {  # public name -> the sub-package that defines it
+    "discover": "data",
     "Backbone": "backbones",
     "list_backbones": "backbones",
     "load_backbone": "backbones",
-    "discover": "data",
     "Embedder": "embedding",
-    "iter_embeddings": "embedding",
+    "EmbeddingTransformer": "embedding",
     "embed": "pipeline",
+    "merge": "pipeline",
     "Space": "store",
     "Store": "store",
     "open_store": "store",
-    "EmbeddingTransformer": "transformer",
     "build_index": "index",
     "load_index": "index",
     "duplicates": "search",
-    "fit_head": "classify",
-    "ClassifyReport": "classify",
-    "FaissKNNClassifier": "classify",
+    "classify": "heads",
+    "fit_head": "heads",
+    "ClassifyReport": "heads",
+    "FaissKNNClassifier": "heads",
     "Head": "heads",
-    "HeadError": "heads",
     "load_head": "heads",
     "save_head": "heads",
     "predict_images": "heads",
+    "finetune": "finetuning",
     "write_report": "report",
 }
 
@@ -45,18 +53,24 @@ __all__ = [
     "BackboneError",
     "CollectionError",
     "EmbedstoreError",
+    "HeadError",
+    "IndexFileError",
     "StoreError",
     "StoreLockedError",
     *_LAZY,
+    *SUBPACKAGES,
 ]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'embedstore' has no attribute {name!r}")
+    elif name in SUBPACKAGES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'embedstore' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:

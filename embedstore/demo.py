@@ -54,9 +54,9 @@ def imagenet_top(paths: list[Path], backbone: str, k: int = 3) -> list[dict[str,
     import torch
     from timm.data import ImageNetInfo
 
-    from .backbones import load_backbone
-    from .data import ImageItem
-    from .embedding import Embedder, embed_items
+    from .backbones.load import load_backbone
+    from .data.collection import ImageItem
+    from .embedding.embedder import Embedder, embed_items
 
     embedder = Embedder(load_backbone(backbone, classifier=True), device="auto")
     logits, _ = embed_items([ImageItem(str(p), p.name) for p in paths], embedder, workers=0)
@@ -77,7 +77,7 @@ def imagenet_top(paths: list[Path], backbone: str, k: int = 3) -> list[dict[str,
 
 def compare_heads(store_path: str | os.PathLike, models: str = "logreg,knn,centroid") -> list[dict[str, Any]]:
     """Compare classifier heads on the cached vectors (train split -> val split)."""
-    from .classify import classify
+    from .heads.compare import classify
 
     report = classify(store_path, models=models)
     return [
@@ -87,8 +87,8 @@ def compare_heads(store_path: str | os.PathLike, models: str = "logreg,knn,centr
 
 def nearest_neighbours(store_path: str | os.PathLike, k: int = 5) -> dict[str, Any]:
     """Search the store with its first val image: the neighbours should share its label."""
-    from .search import search
-    from .store import open_store
+    from .search.query import search
+    from .store.store import open_store
 
     sp = open_store(store_path).space()
     row = int(sp.rows[list(sp.splits).index("val")])

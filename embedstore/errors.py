@@ -13,6 +13,14 @@ class StoreLockedError(StoreError):
     """Another process is writing the store."""
 
 
+class IndexFileError(StoreError):
+    """An index file is missing, corrupt or stale; the message names the file and the fix."""
+
+
+class SidecarError(IndexFileError):
+    """An index sidecar is unreadable or inconsistent: the space has no usable index."""
+
+
 class BackboneError(EmbedstoreError):
     """A backbone cannot be created or its weights cannot be loaded."""
 

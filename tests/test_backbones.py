@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import embedstore
-from embedstore.backbones import REGISTRY, BackboneError, load_backbone, load_space_backbone, weights_checksum
+from embedstore.errors import BackboneError
+from embedstore.backbones import REGISTRY, load_backbone, load_space_backbone, weights_checksum
 from embedstore.data import ImageItem
 from embedstore.embedding import Embedder, embed_items
 
@@ -87,7 +88,7 @@ def test_unknown_backbone_names_the_fix():
 
 def test_offline_pretrained_gives_clear_error():
     """No network here: a timm name whose weights are not cached fails at once, naming what works."""
-    if embedstore.backbones._hub_reachable():
+    if embedstore.backbones.load._hub_reachable():
         pytest.skip("the hub is reachable from this machine")
     with pytest.raises(BackboneError, match="work offline"):
         load_backbone("resnet10t")

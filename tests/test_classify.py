@@ -12,7 +12,7 @@ from imagegen import TINY_BACKBONE, make_collection
 from PIL import Image
 
 import embedstore
-from embedstore.classify import (
+from embedstore.heads import (
     MODELS,
     FaissKNNClassifier,
     carve_validation,
@@ -22,7 +22,7 @@ from embedstore.classify import (
     score_predictions,
     write_confusion_png,
 )
-from embedstore.store import StoreError
+from embedstore.errors import StoreError
 from embedstore_cli.classify_commands import register
 
 RESULT_KEYS = {"space", "model", "accuracy", "balanced_accuracy", "macro_f1", "fit_s", "predict_s", "params"}

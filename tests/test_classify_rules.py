@@ -10,7 +10,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from embedstore.classify import MODELS, best_result, classify
+from embedstore.heads import MODELS, best_result, classify
 from embedstore_cli.classify_commands import register
 
 TIED = "centroid,knn,logreg"  # on the tiny store all three score 1.0 on every measure

@@ -38,8 +38,8 @@ def test_help_imports_no_heavy_library(command: str) -> None:
 
 
 def test_choices_match_the_implementations() -> None:
-    from embedstore.classify import DEFAULT_MODELS, MODELS
-    from embedstore.index import KINDS
+    from embedstore.heads import DEFAULT_MODELS, MODELS
+    from embedstore.index.build import KINDS
 
     assert tuple(MODELS) == DEFAULT_MODELS == choices.HEADS
     assert KINDS == choices.INDEX_KINDS

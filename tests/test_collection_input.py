@@ -14,7 +14,8 @@ import torch
 from click.testing import CliRunner
 
 import embedstore
-from embedstore.data import CollectionError, discover
+from embedstore.data import discover
+from embedstore.errors import CollectionError
 from embedstore_cli.main import main
 from imagegen import TINY_BACKBONE, make_collection
 

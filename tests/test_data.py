@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from imagegen import draw_image, make_collection
-from embedstore.data import CollectionError, ImageItem, ImageReader, decode_image, discover, draft_size
+from embedstore.errors import CollectionError
+from embedstore.data import ImageItem, ImageReader, decode_image, discover, draft_size
 
 
 def test_discover_split_class_layout(collection: Path):

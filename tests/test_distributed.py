@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 import embedstore
-from embedstore import distributed as dist
+from embedstore.pipeline import distributed as dist
 from embedstore.store import FAILURE_COLUMNS, IMAGE_COLUMNS, open_store, write_file
 from embedstore_cli.main import main
 from embedstore_cli.scale_commands import register

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from embedstore.knn import FaissKNNClassifier
+from embedstore.heads import FaissKNNClassifier
 
 
 @parametrize_with_checks([FaissKNNClassifier(), FaissKNNClassifier(vote="majority")])

@@ -19,8 +19,8 @@ from imagegen import TINY_BACKBONE, make_collection
 from embedstore.backbones import load_backbone, load_space_backbone
 from embedstore.data import decode_image
 from embedstore.errors import EmbedstoreError
-from embedstore.finetune import finetune
-from embedstore.training import sha256_file, stage_groups
+from embedstore.finetuning import finetune
+from embedstore.finetuning import sha256_file, stage_groups
 from embedstore_cli.finetune_commands import register
 
 FAST = dict(precision="fp32", workers=0, progress=False)
@@ -104,7 +104,7 @@ def test_finetuning_beats_the_frozen_probe(stripes_store: tuple[Path, Path], tun
     assert abs(tuned["history"][0]["val_accuracy"] - probe) <= 0.05
     assert tuned["best_epoch"] >= 1 and tuned["best_val_accuracy"] >= probe + 0.1
 
-    from embedstore.classify import classify
+    from embedstore.heads import classify
 
     report = classify(str(store), models="logreg")  # both spaces side by side
     acc = {r["space"]: r["accuracy"] for r in report.results}

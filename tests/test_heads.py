@@ -12,8 +12,10 @@ from click.testing import CliRunner
 from imagegen import TINY_BACKBONE
 
 import embedstore
-from embedstore.classify import classify
-from embedstore.heads import MANIFEST, PAYLOAD, HeadError, load_head, predict_images
+from embedstore.heads import classify
+from embedstore.errors import HeadError
+from embedstore.heads import load_head, predict_images
+from embedstore.heads.saved import MANIFEST, PAYLOAD
 from embedstore_cli.classify_commands import register
 
 

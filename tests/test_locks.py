@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from embedstore.errors import StoreError, StoreLockedError
-from embedstore.locks import try_lock
+from embedstore.store.locks import try_lock
 from embedstore.store import StoreWriter, lock_path
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from embedstore.locks import try_lock
+    from embedstore.store.locks import try_lock
     held = try_lock(sys.argv[1])
     assert not isinstance(held, str), held
     print("locked", flush=True)

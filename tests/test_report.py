@@ -23,7 +23,7 @@ from imagegen import TINY_BACKBONE, make_collection
 from PIL import Image
 
 import embedstore
-from embedstore.finetune import finetune
+from embedstore.finetuning import finetune
 from embedstore.report import data_uri, placeholder_jpeg, project, write_report
 from embedstore.store import FAILURE_COLUMNS, open_store, write_file
 from embedstore_cli.main import main

@@ -19,7 +19,7 @@ from imagegen import draw_image
 from test_report import Page
 
 from embedstore.report import STAGES, write_report
-from embedstore.report_thumbs import data_uri, placeholder_jpeg, thumbnail_from_bytes
+from embedstore.report.thumbs import data_uri, placeholder_jpeg, thumbnail_from_bytes
 from embedstore.store import FAILURE_COLUMNS, write_file
 from embedstore.utils import hash_file
 from embedstore_cli.main import main
@@ -63,7 +63,7 @@ def test_store_values_are_escaped_and_css_js_are_package_files(tmp_path: Path) -
     page = Page(text)
     assert len(page.find("script")) == 2  # only the page's own: the thumbnails JSON and the JS
     assert any(v[2] == EVIL for v in page.thumbs.values())  # the JSON keeps the label intact
-    folder = resources.files("embedstore") / "report_templates"
+    folder = resources.files("embedstore.report") / "templates"
     css, js = (folder / "report.css").read_text(), (folder / "report.js").read_text()
     assert f"<style>{css}</style>" in text and f"<script>{js}</script>" in text  # inlined verbatim
 

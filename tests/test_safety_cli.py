@@ -101,7 +101,7 @@ def test_finetune_negative_seed_is_a_clean_usage_error(store: Path) -> None:
 
 
 def test_finetune_library_refuses_negative_seed_and_bad_names(store: Path) -> None:
-    from embedstore.finetune import finetune
+    from embedstore.finetuning import finetune
 
     with pytest.raises(ValueError, match="seed must be a non-negative integer"):
         finetune(store, seed=-1, epochs=1, workers=0, progress=False)

@@ -15,14 +15,14 @@ from click.testing import CliRunner
 
 import embedstore
 from conftest import TINY_BACKBONE, make_collection
-from embedstore.backbones import BackboneError
-from embedstore.index import IndexFileError, build_index, index_files, load_index
+from embedstore.errors import BackboneError, IndexFileError
+from embedstore.index import build_index, index_files, load_index
 from embedstore.search import duplicates, search
 from embedstore.store import FAILURE_COLUMNS, open_store, write_file
 from embedstore_cli.search_commands import register
 from test_index import clustered, write_store
 
-search_module = importlib.import_module("embedstore.search")  # the module, even if the package exports search()
+search_module = importlib.import_module("embedstore.search.query")  # the module that holds the constant
 
 
 def images_of(folder: Path) -> list[Path]:

@@ -7,11 +7,10 @@ import h5py
 import numpy as np
 import pytest
 
+from embedstore.errors import StoreError, StoreLockedError
 from embedstore.store import (
     FAILURE_COLUMNS,
     Batch,
-    StoreError,
-    StoreLockedError,
     StoreWriter,
     journal_dir,
     list_parts,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import embedstore
-from embedstore.classify import classify
+from embedstore.heads import classify
 from embedstore.errors import EmbedstoreError
 from embedstore.search import search
 from embedstore.store import list_parts

@@ -38,11 +38,12 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from .backbones import DEFAULT_BACKBONE, Backbone, default_space_name, load_backbone
-from .data import ImageItem, discover
-from .errors import StoreError
-from .integrity import check_rows
-from .store import (
+from .. import DEFAULT_BACKBONE
+from ..backbones.registry import default_space_name
+from ..data.collection import ImageItem, discover
+from ..errors import StoreError
+from ..store.integrity import check_rows
+from ..store.store import (
     FAILURE_COLUMNS,
     IMAGE_COLUMNS,
     Space,
@@ -209,7 +210,7 @@ def prepare_shard(store: str | os.PathLike, root: str, items: Sequence[ImageItem
     would), so shard files merge into it; the target is read (without vectors) to skip images it
     already holds.
     """
-    from .pipeline import _rebase
+    from .run import _rebase
 
     i, n = parse_shard(shard)
     store = Path(store).absolute()
@@ -328,16 +329,18 @@ class ShardWorker:
 
     def __init__(self, backbone: str, weights: str | None, kill: str | None = None) -> None:
         self.backbone_name, self.weights, self.kill = backbone, weights, kill
-        self.bb: Backbone | None = None
+        self.bb: Any = None  # the loaded Backbone
         self.first_run = True  # a restarted actor reports its restart with its first shard only
 
     def run(self, source: str, store: str, i: int, n: int, root: str, items: list[ImageItem],
             options: dict[str, Any]) -> dict[str, Any]:
         import ray
 
-        from .pipeline import embed
+        from .run import embed
 
         if self.bb is None:
+            from ..backbones.load import load_backbone  # torch and timm, in the worker only
+
             self.bb = load_backbone(self.backbone_name, self.weights)
         stop = self._arm_kill(store, i, n)
         try:
@@ -464,7 +467,7 @@ def embed_ray(
         merge(store, stale)
     base = plan_view(store)
     if base is not None and base.root and base.root != root:
-        from .pipeline import _rebase
+        from .run import _rebase
 
         items = [_rebase(it, base.root) for it in items]
         root = base.root

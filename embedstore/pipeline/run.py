@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from tqdm import tqdm
 
-from . import DEFAULT_BACKBONE
-from .collection import MAX_FILE_BYTES, ImageItem, discover
-from .registry import default_space_name
-from .store import Batch, Store, StoreWriter, check_space_compatible, failure_keys, validate_space_name
-from .utils import hash_file, timed
+from .. import DEFAULT_BACKBONE
+from ..data.collection import MAX_FILE_BYTES, ImageItem, discover
+from ..backbones.registry import default_space_name
+from ..store.store import Batch, Store, StoreWriter, check_space_compatible, failure_keys, validate_space_name
+from ..utils import hash_file, timed
 
 if TYPE_CHECKING:
-    from .backbones import Backbone
+    from ..backbones.load import Backbone
     from .distributed import ShardJob
 
 STORE_DTYPES = ("float16", "float32")
@@ -103,10 +103,10 @@ def embed(
         progress: show a progress bar on stderr.
         shard: ``(i, n)`` or ``"i/n"``: embed only shard i of n (a stable hash of each relative
             path picks its shard) into ``store``'s shard file, published when complete; finished
-            shards are skipped. Combine shard files with :func:`embedstore.distributed.merge`.
+            shards are skipped. Combine shard files with :func:`embedstore.pipeline.merge`.
         engine: ``local`` (this process) or ``ray`` (shards on a Ray cluster, then merged).
         address, shards, gpus_per_worker, cpus_per_worker: Ray engine options, see
-            :func:`embedstore.distributed.embed_ray`.
+            :func:`embedstore.pipeline.embed_ray`.
         discovered: ``(root, items)`` as returned by ``discover(source)``, when already listed.
         preloaded: the loaded backbone for ``backbone``/``weights`` (workers reuse one per process).
         follow_symlinks: in a folder, embed files that symlinks lead to outside the folder (by
@@ -163,8 +163,8 @@ def embed(
                 todo, more_unchanged, more_failed = plan(todo, job.base, space)
                 unchanged, known_failed = unchanged + more_unchanged, known_failed + more_failed
         if todo:
-            from .backbones import load_backbone  # torch and timm: imported only when there is work
-            from .embedding import Embedder, iter_embeddings
+            from ..backbones.load import load_backbone  # torch and timm: imported only when there is work
+            from ..embedding.embedder import Embedder, iter_embeddings
 
             with timed(stages, "load_backbone"):
                 if preloaded is not None and preloaded.name != backbone:

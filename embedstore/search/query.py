@@ -13,15 +13,13 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
-from .backbones import load_space_backbone
-from .data import ImageItem, discover, image_extensions
-from .embedding import Embedder, embed_items
-from .errors import QueryError
-from .search_rows import WHERE_KEYS, filter_positions, parse_where, self_rows  # noqa: F401 (API)
-from .index import (IndexFileError, LoadedIndex, SidecarError, exact_knn, index_files, iter_chunks, load_index,
+from ..data.collection import ImageItem, discover, image_extensions
+from ..errors import IndexFileError, QueryError, SidecarError
+from .rows import WHERE_KEYS, filter_positions, parse_where, self_rows  # noqa: F401 (API)
+from ..index.build import (LoadedIndex, exact_knn, index_files, iter_chunks, load_index,
                     normalized, omp_threads, vector_fingerprints)
-from .store import Space, Store, open_store
-from .utils import timed
+from ..store.store import Space, Store, open_store
+from ..utils import timed
 
 FILTER_EXACT_MAX = 100_000  # filtered queries over at most this many rows are answered exactly
 DUPLICATES_EXACT_MAX = 20_000  # duplicates without an index: exact k-NN up to this many rows
@@ -54,6 +52,9 @@ def embed_images(space: Space, images: Sequence[str], device: str = "auto",
 
     Raises ``BackboneError`` when this machine's weights differ from the ones that built the space.
     """
+    from ..backbones.load import load_space_backbone  # torch and timm: only image queries need them
+    from ..embedding.embedder import Embedder, embed_items
+
     embedder = Embedder(load_space_backbone(space.attrs), device=device)
     vectors, results = embed_items([ImageItem(p, p) for p in images], embedder, batch_size, workers=0)
     errors: list[str | None] = [None] * len(images)

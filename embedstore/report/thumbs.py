@@ -16,8 +16,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from .store import Store
-from .utils import hash_bytes
+from ..store.store import Store
+from ..utils import hash_bytes
 
 MISSING, CHANGED = "missing", "changed"
 

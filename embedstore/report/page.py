@@ -7,7 +7,7 @@ fine-tuned spaces side by side. Everything is inline (JPEG thumbnails as ``data:
 CSS, a little JS), so the file opens offline and can be mailed around. Large collections are
 sampled (seeded) and the page says how.
 
-The page is rendered from the package's Jinja2 template ``report_templates/report.html.j2`` with
+The page is rendered from the package's Jinja2 template ``report/templates/report.html.j2`` with
 autoescape on: this module hands it plain values (no HTML), so nothing from a store can inject
 markup. Thumbnails come only from files that still match their recorded hash (report_thumbs.py).
 
@@ -25,12 +25,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import EmbedstoreError
-from .report_sections import (MAX_FAILURES_SHOWN, failures_data, finetune_data, label_colors, space_data,
+from ..errors import EmbedstoreError
+from .sections import (MAX_FAILURES_SHOWN, failures_data, finetune_data, label_colors, space_data,
                               summary_data)
-from .report_thumbs import Thumbnails, data_uri, placeholder_jpeg, thumbnail_jpeg  # noqa: F401 (public names)
-from .store import Space, Store, open_store
-from .utils import timed
+from .thumbs import Thumbnails, data_uri, placeholder_jpeg, thumbnail_jpeg  # noqa: F401 (public names)
+from ..store.store import Space, Store, open_store
+from ..utils import timed
 
 PCA_BELOW = 25  # fewer points than this: PCA (t-SNE and UMAP need neighbourhoods)
 MAX_GROUPS_SHOWN = 12
@@ -91,8 +91,8 @@ def write_report(store: str | os.PathLike | Store, out: str | os.PathLike, *,
     with stage("imports", "loaded scikit-learn, FAISS and search (torch, timm)"):
         import sklearn.manifold  # noqa: F401  (seconds on a cold start: timed on their own, not in a stage below)
 
-        from . import search  # noqa: F401
-        from .classify import parse_models
+        from ..search import query as search  # noqa: F401
+        from ..heads.compare import parse_models
     heads = [] if models in ("none", "") or (not isinstance(models, str) and not models) else parse_models(models)
     notes: list[str] = []
     max_points, queries, k = clamp_sizes(st, spaces, max_points, queries, k, notes)
@@ -243,8 +243,8 @@ def neighbours_data(st: Store, sp: Space, query_rows: list[int], k: int, thumbs:
                     notes: list[str]) -> tuple[dict[str, Any], float | None]:
     """Galleries of each query's k nearest neighbours (:func:`embedstore.search.search`), and the share
     of labelled neighbours that share their query's label."""
-    from .index import IndexFileError
-    from .search import search
+    from ..index.build import IndexFileError
+    from ..search.query import search
 
     if not query_rows:
         return {"skipped": "No query images asked for."}, None
@@ -273,8 +273,8 @@ def neighbours_data(st: Store, sp: Space, query_rows: list[int], k: int, thumbs:
 
 def duplicates_data(st: Store, sp: Space, threshold: float, thumbs: Thumbnails, notes: list[str]) -> dict[str, Any]:
     """Near-duplicate groups from :func:`embedstore.search.duplicates`, the largest first."""
-    from .index import IndexFileError
-    from .search import duplicates
+    from ..index.build import IndexFileError
+    from ..search.query import duplicates
 
     try:
         result = duplicates(st, threshold=threshold, space=sp.name)
@@ -291,8 +291,8 @@ def duplicates_data(st: Store, sp: Space, threshold: float, thumbs: Thumbnails, 
 
 
 def run_classify(st: Store, spaces: list[Space], heads: list[str], seed: int, notes: list[str]) -> Any:
-    """The classifier comparison (:func:`embedstore.classify.classify`), or None when it does not apply."""
-    from .classify import classify
+    """The classifier comparison (:func:`embedstore.heads.classify`), or None when it does not apply."""
+    from ..heads.compare import classify
 
     if not heads or len({str(x) for x in st.images["label"] if x}) < 2:
         return None
@@ -342,7 +342,7 @@ def environment() -> Any:
     """The Jinja2 environment of the package's report templates, autoescaping everything."""
     import jinja2
 
-    return jinja2.Environment(loader=jinja2.PackageLoader("embedstore", "report_templates"),
+    return jinja2.Environment(loader=jinja2.PackageLoader("embedstore.report", "templates"),
                               autoescape=jinja2.select_autoescape(("html", "j2")), undefined=jinja2.StrictUndefined,
                               trim_blocks=False, keep_trailing_newline=True)
 

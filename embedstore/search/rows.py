@@ -9,9 +9,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import QueryError
-from .store import Space, Store
-from .utils import hash_file
+from ..errors import QueryError
+from ..store.store import Space, Store
+from ..utils import hash_file
 
 WHERE_KEYS = ("label", "split")
 

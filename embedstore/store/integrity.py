@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidNameError, StoreError
+from ..errors import InvalidNameError, StoreError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9._+-]{1,128}$")
 BAD_VECTOR = "BadVector"

@@ -10,7 +10,7 @@ Hyper-parameters are always chosen on a validation part carved from the training
 temperature for the softmax k-NN), then the head is refit on all training rows.
 
 Every head is a scikit-learn ``Pipeline(preprocess, classifier)`` with ``predict_proba``; the
-k-NN heads search with FAISS (exact cosine similarity, :mod:`embedstore.knn`). Heads without
+k-NN heads search with FAISS (exact cosine similarity, :mod:`embedstore.heads.knn`). Heads without
 probabilities of their own (and logistic regression) get scikit-learn's temperature scaling,
 ``CalibratedClassifierCV(method="temperature", ensemble=False)``: T is fitted on out-of-fold
 decision values of the training rows, the classifier itself on all of them.
@@ -40,10 +40,10 @@ from sklearn.svm import SVC, LinearSVC
 
 from embedstore.choices import PREPROCESS, PROTOCOLS
 
-from .confusion import write_confusion_png  # noqa: F401 (re-exported: embedstore.classify.write_confusion_png)
+from .confusion import write_confusion_png  # noqa: F401 (re-exported: embedstore.heads.write_confusion_png)
 from .knn import DINO_TEMPERATURE, FaissKNNClassifier
 from .knn import vote as knn_vote
-from .store import Space, StoreError, open_store
+from ..store.store import Space, StoreError, open_store
 
 __all__ = ["FaissKNNClassifier", "MODELS", "best_result", "classify", "fit_head", "score_predictions",
            "write_confusion_png"]
@@ -371,7 +371,7 @@ class ClassifyReport:
 
     def save_head(self, folder: str, space: str | None = None, model: str | None = None) -> str:
         """Save a head (the best one by default) with its space's lineage; see :func:`embedstore.heads.save_head`."""
-        from .heads import save_head
+        from .saved import save_head
 
         head, sp = self.head(space, model)
         row = next(r for r in self.results if r["space"] == sp.name and r["model"] == head.model)

@@ -10,9 +10,9 @@ from typing import Sequence
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from .backbones import DEFAULT_BACKBONE, load_backbone
-from .data import ImageItem
-from .embedding import Embedder, embed_items
+from ..backbones.load import DEFAULT_BACKBONE, load_backbone
+from ..data.collection import ImageItem
+from .embedder import Embedder, embed_items
 
 
 class EmbeddingTransformer(TransformerMixin, BaseEstimator):

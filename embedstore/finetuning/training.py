@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from .data import ImageItem, ImageReader, collate
-from .embedding import _DTYPES
+from ..data.reader import ImageItem, ImageReader, collate
+from ..embedding.embedder import _DTYPES
 
 
 # --------------------------------------------------------------------------- which layers train

@@ -36,10 +36,11 @@ from typing import Any, Iterator
 import faiss
 import numpy as np
 
-from .choices import INDEX_KINDS
-from .index_checks import check_params, check_sidecar, check_trainable, faiss_message, valid_generation
-from .store import Space, Store, StoreError, open_store
-from .utils import format_size, parse_size, timed
+from ..choices import INDEX_KINDS
+from .checks import check_params, check_sidecar, check_trainable, faiss_message, valid_generation
+from ..errors import IndexFileError, SidecarError, StoreError
+from ..store.store import Space, Store, open_store
+from ..utils import format_size, parse_size, timed
 
 FORMAT = "embedstore-index/1"
 KINDS = INDEX_KINDS
@@ -48,14 +49,6 @@ FLAT_MAX_ROWS = 20_000  # exact search answers a query in about a millisecond be
 HNSW_MAX_ROWS = 100_000  # HNSW builds in about a minute on two cores below this
 HNSW_M = 32
 K_FACTORS = (16, 32, 64, 128)  # re-ranking depths tried, in order, for refined indexes
-
-
-class IndexFileError(StoreError):
-    """An index file is missing, corrupt or stale; the message names the file and the fix."""
-
-
-class SidecarError(IndexFileError):
-    """An index sidecar is unreadable or inconsistent: the space has no usable index."""
 
 
 # --------------------------------------------------------------------------- vectors
@@ -765,7 +758,7 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 
 @contextmanager
 def _build_lock(files: IndexFiles) -> Iterator[None]:
-    from .locks import try_lock  # a kernel lock: a killed builder's lock file never blocks the next one
+    from ..store.locks import try_lock  # a kernel lock: a killed builder's lock file never blocks the next one
 
     files.lock.parent.mkdir(parents=True, exist_ok=True)
     held = try_lock(files.lock)

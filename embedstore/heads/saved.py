@@ -28,8 +28,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import HeadError
-from .store import Space
+from ..errors import HeadError
+from ..store.store import Space
 
 __all__ = ["HEAD_FORMAT", "Head", "HeadError", "load_head", "predict_images", "save_head"]
 
@@ -38,7 +38,7 @@ __all__ = ["HEAD_FORMAT", "Head", "HeadError", "load_head", "predict_images", "s
 HEAD_FORMAT = "embedstore-head/2"
 MANIFEST = "head.json"
 PAYLOAD = "head.skops"
-TRUSTED = ("embedstore.knn.FaissKNNClassifier", "sklearn.calibration._CalibratedClassifier",
+TRUSTED = ("embedstore.heads.knn.FaissKNNClassifier", "sklearn.calibration._CalibratedClassifier",
            "sklearn.calibration._TemperatureScaling")
 LINEAGE_KEYS = ("backbone", "weights", "weights_sha256", "preprocessing", "pooling", "dim", "dtype")
 _SPACE_KEYS = ("backbone", "weights_sha256", "dim")
@@ -257,7 +257,8 @@ def _check_manifest(manifest: Any, mpath: Path) -> None:
 
 def expand_images(sources: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
     """(absolute path, shown name) of every image file given, folders searched recursively."""
-    from .data import CollectionError, discover
+    from ..data.collection import discover
+    from ..errors import CollectionError
 
     out = []
     for src in sources:
@@ -297,9 +298,9 @@ def predict_images(
     ``{"label", "p"}``), or ``image`` and ``error`` when the file cannot be read. The
     backbone is refused if its weights checksum differs from the head's lineage.
     """
-    from .backbones import load_space_backbone
-    from .data import ImageItem
-    from .embedding import Embedder, embed_items
+    from ..backbones.load import load_space_backbone
+    from ..data.collection import ImageItem
+    from ..embedding.embedder import Embedder, embed_items
 
     h = head if isinstance(head, Head) else load_head(head)
     files = expand_images(images)

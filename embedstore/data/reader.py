@@ -27,7 +27,7 @@ from .collection import (  # noqa: F401 (re-exported: discovery is part of the r
     discover,
     image_extensions,
 )
-from .errors import FileTooLargeError, NotRegularFileError, OutsideRootError
+from ..errors import FileTooLargeError, NotRegularFileError, OutsideRootError
 
 # Refuse decompression bombs by pixel count (Pillow's limit), before any pixel is decoded.
 MAX_PIXELS = 89_478_485
@@ -103,7 +103,7 @@ class ImageReader(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> ReadResult:
-        from .utils import hash_bytes
+        from ..utils import hash_bytes
 
         item = self.items[index]
         result = ReadResult(index, None)

@@ -25,13 +25,13 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from . import training as T
-from .backbones import load_backbone, load_space_backbone, weights_checksum
-from .data import ImageItem, draft_size
-from .embedding import Embedder, iter_embeddings, resolve_device, resolve_precision
-from .errors import EmbedstoreError, InvalidNameError
-from .integrity import validate_space_name
-from .pipeline import plan
-from .store import Batch, Space, Store, StoreWriter, open_store
+from ..backbones.load import load_backbone, load_space_backbone, weights_checksum
+from ..data.reader import ImageItem, draft_size
+from ..embedding.embedder import Embedder, iter_embeddings, resolve_device, resolve_precision
+from ..errors import EmbedstoreError, InvalidNameError
+from ..store.integrity import validate_space_name
+from ..pipeline.run import plan
+from ..store.store import Batch, Space, Store, StoreWriter, open_store
 
 # settings that define a run: a checkpoint only resumes a run with the same ones
 RUN_KEYS = ("space", "unfreeze", "epochs", "lr", "batch_size", "layer_decay", "weight_decay", "patience",

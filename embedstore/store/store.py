@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from .errors import StoreError, StoreLockedError
+from ..errors import StoreError, StoreLockedError
 from .integrity import BAD_VECTOR, check_file, journal_seq, validate_space_name, vector_problems
 from .locks import try_lock
 

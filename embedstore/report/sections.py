@@ -1,5 +1,5 @@
 """The report's sections that only reshape what the store holds into plain values for the template
-(report_templates/report.html.j2 escapes them): collection summary, failures, a space's map and
+(templates/report.html.j2 escapes them): collection summary, failures, a space's map and
 legend, frozen vs fine-tuned. The sections that search or classify are in report.py.
 
 Crash-safety: pure functions; nothing here writes.
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import Space, Store
+from ..store.store import Space, Store
 
 MAX_FAILURES_SHOWN = 200
 MAX_LEGEND = 40

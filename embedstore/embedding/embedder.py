@@ -13,8 +13,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .backbones import Backbone
-from .data import MAX_FILE_BYTES, ImageItem, ImageReader, ReadResult, collate, draft_size
+from ..backbones.load import Backbone
+from ..data.reader import MAX_FILE_BYTES, ImageItem, ImageReader, ReadResult, collate, draft_size
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

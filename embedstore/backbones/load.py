@@ -16,8 +16,8 @@ import timm
 import torch
 from torch import nn
 
-from . import DEFAULT_BACKBONE
-from .errors import BackboneError
+from .. import DEFAULT_BACKBONE
+from ..errors import BackboneError
 from .registry import (  # noqa: F401 (re-exported)
     RANDOM,
     REGISTRY,

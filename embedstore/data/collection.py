@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import CollectionError
+from ..errors import CollectionError
 
 SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 

@@ -1,0 +1,7 @@
+"""Images to vectors: the batched, device-aware forward pass of a backbone, and its scikit-learn transformer."""
+from __future__ import annotations
+
+from .embedder import Embedder, iter_embeddings, embed_items, cpu_has_bf16, resolve_device, resolve_precision, default_workers, tune_allocator
+from .transformer import EmbeddingTransformer
+
+__all__ = ['Embedder', 'iter_embeddings', 'embed_items', 'cpu_has_bf16', 'resolve_device', 'resolve_precision', 'default_workers', 'tune_allocator', 'EmbeddingTransformer']

@@ -1,0 +1,7 @@
+"""Similarity queries over a space: k nearest neighbours of images, rows or paths, and near-duplicate groups."""
+from __future__ import annotations
+
+from .rows import parse_where, WHERE_KEYS
+from .query import search, duplicates, DUPLICATES_THRESHOLD
+
+__all__ = ['parse_where', 'WHERE_KEYS', 'search', 'duplicates', 'DUPLICATES_THRESHOLD']
