@@ -1,4 +1,9 @@
-"""Exceptions of the library; each message names the file or value at fault and the fix."""
+"""Exceptions of the library; each message names the file or value at fault and the fix.
+
+Every class here subclasses :class:`EmbedstoreError` (tests/test_errors.py checks it), so the CLI shows
+any of them as one ``Error: ...`` line; other exceptions are bugs and keep their traceback.
+Crash safety: definitions only; nothing is written.
+"""
 
 
 class EmbedstoreError(RuntimeError):
@@ -55,3 +60,39 @@ class QueryError(EmbedstoreError, ValueError):
 
 class HeadError(EmbedstoreError, ValueError):
     """A classifier head cannot be saved, loaded or applied; the message names the file and the fix."""
+
+
+class IndexBuildError(EmbedstoreError, ValueError):
+    """An index cannot be built as asked (kind, memory budget, target recall, device, too few vectors)."""
+
+
+class EmbedOptionError(EmbedstoreError, ValueError):
+    """``embed`` options that cannot be used (or combined) as given; the message names the option and the fix."""
+
+
+class ShardError(EmbedOptionError):
+    """A shard (``(i, n)`` / ``--shard I/N``) or a set of shard files to merge that cannot be used as given."""
+
+
+class EngineError(EmbedstoreError):
+    """The Ray engine cannot run (Ray missing or unreachable, too few GPUs) or some of its shards failed."""
+
+
+class FinetuneError(EmbedstoreError, ValueError):
+    """A fine-tune run cannot start or resume as asked (a setting, the store's splits, a checkpoint)."""
+
+
+class SizeError(EmbedstoreError, ValueError):
+    """A size (bytes, or e.g. ``"64M"``, ``"4G"``) that cannot be read; the message names the text and the form."""
+
+
+class EmptyFileError(RefusedFileError):
+    """A listed image file of 0 bytes (recorded as a failure; the run goes on)."""
+
+
+class ReportError(EmbedstoreError, ValueError):
+    """A report cannot be written as asked (a sample size, k, a threshold, the heads to compare)."""
+
+
+class MissingShardFileError(StoreError, FileNotFoundError):
+    """A shard file listed for a merge does not exist."""

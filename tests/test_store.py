@@ -1,6 +1,8 @@
 """Writer stage: journal parts, atomic consolidation, locking, merging rules, clear errors."""
 from __future__ import annotations
 
+import contextlib
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -170,3 +172,58 @@ def test_default_space_is_the_first_frozen_one(tmp_path: Path) -> None:
     st = open_store(path)
     assert list(st.spaces) == ["a-ft", "x"] and st.space().name == "x"
     assert st.space("a-ft").attrs["parent_space"] == "x"
+
+
+@pytest.mark.parametrize("content", [b"not hdf5 at all" * 100, None], ids=["garbage", "missing"])
+def test_adopting_a_damaged_or_missing_file_names_it(tmp_path: Path, content: bytes | None) -> None:
+    """Merging a file that is not HDF5 is one clear error naming it; nothing joins the journal."""
+    source = tmp_path / "shard.h5"
+    if content is not None:
+        source.write_bytes(content)
+    store = tmp_path / "s.h5"
+    with StoreWriter(store) as w:
+        w.commit(batch_of("a.png"), "toy", ATTRS)
+        expected = (StoreError, "not a readable embedstore file") if content else (FileNotFoundError, None)
+        with pytest.raises(expected[0], match=expected[1]) as err:
+            w.adopt(source)
+        assert str(source) in str(err.value)
+        assert len(list_parts(store)) == 1
+    assert open_store(store).n_images == 1
+
+
+def test_a_space_with_an_unknown_dtype_is_a_store_error(tmp_path: Path) -> None:
+    store = tmp_path / "s.h5"
+    with StoreWriter(store) as w:
+        with pytest.raises(StoreError, match="dtype 'float7'.*float16 or float32"):
+            w.commit(batch_of("a.png"), "toy", {**ATTRS, "dtype": "float7"})
+    assert not store.exists() and not list_parts(store)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str):
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    """write_file publishes whole files only: on ENOSPC a StoreError names the file, the old one stays."""
+    n = 4
+    images = {"path": [f"{i}.png" for i in range(n)], "label": ["a"] * n, "split": ["train"] * n,
+              "size": [1] * n, "hash": ["h"] * n, "mtime": [0.0] * n}
+    no_failures = {c: [] for c in FAILURE_COLUMNS}
+    with small_tmpfs(tmp_path / "disk", "256k") as disk:
+        path = disk / "s.h5"
+        small = np.ones((n, 4), np.float16)
+        write_file(path, {"root": ""}, images, {"toy": (ATTRS, np.arange(n), small)}, no_failures)
+        before = path.read_bytes()
+        big = np.ones((n, 64_000), np.float32)  # 1 MB: more than the disk holds
+        with pytest.raises(StoreError, match=f"no space left to write {path}"):
+            write_file(path, {"root": ""}, images, {"toy": ({**ATTRS, "dim": 64_000}, np.arange(n), big)}, no_failures)
+        assert path.read_bytes() == before
+        assert sorted(p.name for p in disk.iterdir()) == ["s.h5"]

@@ -103,3 +103,13 @@ def check_file(path: Path, attrs: dict[str, Any], images: dict[str, np.ndarray],
                 f"{path}: {where}/vectors has {len(bad)} vector(s) with NaN/Inf values or all zeros (e.g. row "
                 f"{int(rows[bad[0]])}); {_FIX}"
             )
+
+
+def check_space_compatible(old: dict[str, Any], new: dict[str, Any], name: str) -> None:
+    """Refuse to mix vectors of different backbones or weights in one space."""
+    for key in ("backbone", "weights_sha256", "dim"):
+        if old.get(key) != new.get(key):
+            raise StoreError(
+                f"space {name!r} holds {key}={old.get(key)!r} but this run has {key}={new.get(key)!r}: "
+                "choose another space name with --space NAME"
+            )

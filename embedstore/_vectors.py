@@ -1,0 +1,23 @@
+"""Vector maths shared by every stage: the one L2 normalisation (cosine similarity is inner product of unit rows).
+
+Crash safety: pure functions; nothing is written.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+EPS = 1e-12  # rows shorter than this are left (near) zero instead of dividing by zero
+
+
+def l2_normalize(vectors: Any, dtype: type = np.float32) -> np.ndarray:
+    """A float copy of ``vectors`` (any array-like, e.g. an HDF5 slice) with unit-length rows."""
+    x = np.array(vectors, dtype=dtype, copy=True, ndmin=2)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS)
+    return x
+
+
+def median_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Median cosine similarity between matching rows of two matrices."""
+    return float(np.median((l2_normalize(a, np.float64) * l2_normalize(b, np.float64)).sum(1)))
