@@ -35,6 +35,7 @@ import faiss
 import numpy as np
 
 from embedstore.index import exact_knn, index_vectors, normalized, omp_threads, recall_at_k
+from embedstore.utils import parse_size
 
 KINDS = ["auto", "hnsw", "ivf-flat", "ivf-pq", "ivf-pq-refine", "flat"]
 DEFAULT_METHODS = ["auto", "hnsw", "ivf-flat", "ivf-pq", "faiss-IndexFlatIP", "sklearn-brute"]
@@ -182,7 +183,7 @@ def run_method(method: str, work: Path, args: argparse.Namespace) -> dict[str, A
     out: dict[str, Any] = {"method": method, "rows": len(base)}
     t0 = time.perf_counter()
     if method in KINDS:
-        built = index_vectors(base, kind=method, memory=args.memory, target_recall=args.target_recall)
+        built = index_vectors(base, kind=method, memory=parse_size(args.memory), target_recall=args.target_recall)
         index = built.index
         out.update(index=built.factory, params=built.tuning.params, tuned_recall=round(built.tuning.recall, 4),
                    stages={k: round(v, 1) for k, v in built.stages.items()}, notes=built.notes)

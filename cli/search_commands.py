@@ -10,10 +10,8 @@ from typing import Any
 import click
 
 from embedstore.choices import INDEX_KINDS as KINDS
-from embedstore.errors import BackboneError, CollectionError, StoreError
+from embedstore.utils import parse_size
 from embedstore_cli.friendly import friendly as _friendly
-
-KNOWN_ERRORS = (StoreError, BackboneError, CollectionError, FileNotFoundError, ValueError, RuntimeError)
 
 
 def _emit_json(obj: Any) -> None:
@@ -26,6 +24,14 @@ def _table(rows: list[list[Any]], header: list[str], indent: str = "  ") -> str:
     return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """A ``--memory`` size such as ``8G`` as bytes."""
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def _notes(notes: list[str]) -> None:
     for note in notes:
         click.echo(f"note: {note}", err=True)
@@ -36,8 +42,8 @@ def _notes(notes: list[str]) -> None:
 @click.option("--space", help="Embedding space (default: the store's first frozen space).")
 @click.option("--kind", default="auto", show_default=True,
               help=f"{'|'.join(KINDS)}, or a faiss factory string such as 'IVF256,SQ8'.")
-@click.option("--memory", default="4G", show_default=True,
-              help="Memory budget of the index (auto and ivf-pq keep to it).")
+@click.option("--memory", default="4G", show_default=True, callback=_size,
+              help="Memory budget of the index, e.g. 512M or 8G (auto and ivf-pq keep to it).")
 @click.option("--target-recall", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="recall@10 against exact search that nprobe / efSearch are tuned to reach.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
@@ -45,7 +51,7 @@ def _notes(notes: list[str]) -> None:
 @click.option("--rebuild", is_flag=True, help="Build from scratch instead of adding new rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar as JSON.")
 @_friendly
-def index_command(store: str, space: str | None, kind: str, memory: str, target_recall: float, device: str,
+def index_command(store: str, space: str | None, kind: str, memory: int, target_recall: float, device: str,
                   rebuild: bool, as_json: bool) -> None:
     """Build or update the FAISS index of a store's space (cosine similarity).
 
@@ -104,10 +110,10 @@ def search_command(store: str, more_images: tuple[str, ...], images: tuple[str, 
     images = images + more_images
     if sum(bool(x) for x in (images, rows, paths)) != 1:
         raise click.UsageError("give one kind of query: --query IMG..., --row N or --path P")
-    from embedstore.search import search
+    from embedstore.search import parse_where, search
 
     result = search(store, images=list(images) or None, rows=list(rows) or None, paths=list(paths) or None,
-                    k=k, space=space, where=list(where), exact=exact, exclude_self=exclude_self)
+                    k=k, space=space, where=parse_where(list(where)), exact=exact, exclude_self=exclude_self)
     folders = [p for p in images if os.path.isdir(p)]
     if out is None and folders:  # beside the store, never in the current directory
         name = os.path.basename(os.path.abspath(folders[0])) or "queries"
@@ -133,28 +139,25 @@ def _print_results(result: dict[str, Any]) -> None:
 
 
 def _write_results(out: str, result: dict[str, Any]) -> None:
-    """Write the results to ``out`` (.json, else CSV) atomically: a temporary file, then a rename."""
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(out)}.tmp-{os.getpid()}")
-    try:
+    """Write the results to ``out`` (.json, else CSV) atomically (``_atomic.atomic_write``)."""
+    from embedstore._atomic import atomic_write
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
             if out.lower().endswith(".json"):
                 json.dump(result, f, indent=2, default=str)
-            else:
-                w = csv.writer(f)
-                w.writerow(["query", "rank", "path", "score", "row", "label", "error"])
-                for q, hits in zip(result["queries"], result["results"]):
-                    if q.get("error"):
-                        w.writerow([q["query"], "", "", "", "", "", q["error"]])
-                    for i, h in enumerate(hits):
-                        w.writerow([q["query"], i + 1, h["path"], h["score"], h["row"], h["label"], ""])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+                return
+            w = csv.writer(f)
+            w.writerow(["query", "rank", "path", "score", "row", "label", "error"])
+            for q, hits in zip(result["queries"], result["results"]):
+                if q.get("error"):
+                    w.writerow([q["query"], "", "", "", "", "", q["error"]])
+                for i, h in enumerate(hits):
+                    w.writerow([q["query"], i + 1, h["path"], h["score"], h["row"], h["label"], ""])
+
+    atomic_write(out, write)
 
 
 @click.command("duplicates")

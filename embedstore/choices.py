@@ -1,6 +1,7 @@
 """Names offered as choices on the command line, free of heavy imports so ``--help`` starts fast.
 
 The modules that implement them import these tuples; tests check that they agree.
+Crash safety: constants only; nothing is written.
 """
 from __future__ import annotations
 
@@ -8,3 +9,6 @@ INDEX_KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq", "ivf-pq-refine")
 HEADS = ("logreg", "linear-svm", "rbf-svm", "ridge", "knn", "knn-majority", "centroid")
 PROTOCOLS = ("auto", "split", "cv")
 PREPROCESS = ("l2", "standard", "pca-whiten", "none")
+
+# Default cosine similarity for near-duplicates (``duplicates`` and the report), from benchmarks/duplicates.py.
+DUPLICATES_THRESHOLD = 0.825

@@ -45,10 +45,10 @@ def true_neighbours(queries: np.ndarray, base: np.ndarray, k: int = 10) -> np.nd
 def test_choice_follows_size_and_memory() -> None:
     assert choose_factory(5_000, 512) == "Flat"
     assert choose_factory(50_000, 512) == "HNSW32"
-    assert choose_factory(1_000_000, 512, "4G") == "IVF1024,PQ128x4fs,RFlat"
-    assert choose_factory(1_000_000, 512, "1G").startswith("OPQ")  # 2 GB of floats do not fit
+    assert choose_factory(1_000_000, 512, 4 * 2**30) == "IVF1024,PQ128x4fs,RFlat"
+    assert choose_factory(1_000_000, 512, 2**30).startswith("OPQ")  # 2 GB of floats do not fit
     with pytest.raises(ValueError, match="too small"):
-        choose_factory(1_000_000, 512, "5M")
+        choose_factory(1_000_000, 512, 5 * 2**20)
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf-flat", "ivf-pq-refine"])

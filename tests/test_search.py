@@ -17,7 +17,7 @@ import embedstore
 from conftest import TINY_BACKBONE, make_collection
 from embedstore.errors import BackboneError, IndexFileError
 from embedstore.index import build_index, index_files, load_index
-from embedstore.search import duplicates, search
+from embedstore.search import duplicates, parse_where, search
 from embedstore.store import FAILURE_COLUMNS, open_store, write_file
 from embedstore_cli.search_commands import register
 from test_index import clustered, write_store
@@ -57,16 +57,16 @@ def test_rows_paths_and_filters(tiny_store: Path, monkeypatch: pytest.MonkeyPatc
     assert search(tiny_store, rows=[int(sp.rows[4])], k=1)["results"][0][0]["row"] == sp.rows[4]
     assert search(tiny_store, paths=[str(sp.paths[9])], k=1)["results"][0][0]["path"] == sp.paths[9]
     build_index(tiny_store)
-    red = search(tiny_store, rows=[0, 1], k=5, where="label=red_disc")
+    red = search(tiny_store, rows=[0, 1], k=5, where={"label": "red_disc"})
     assert all(h["label"] == "red_disc" for hits in red["results"] for h in hits)
     val_rows = set(sp.rows[sp.splits == "val"].tolist())
-    val = search(tiny_store, rows=[0], k=50, where=["split=val"])["results"][0]
+    val = search(tiny_store, rows=[0], k=50, where={"split": "val"})["results"][0]
     assert {h["row"] for h in val} == val_rows  # k larger than the subset: all of it, nothing else
     monkeypatch.setattr(search_module, "FILTER_EXACT_MAX", 2)  # go through the index instead
-    through_index = search(tiny_store, rows=[0, 1], k=5, where="label=red_disc")
+    through_index = search(tiny_store, rows=[0, 1], k=5, where={"label": "red_disc"})
     assert through_index["results"] == red["results"] and not through_index["exact"]
     with pytest.raises(ValueError, match="label=NAME or split=NAME"):
-        search(tiny_store, rows=[0], where="colour=red")
+        parse_where("colour=red")
     with pytest.raises(ValueError, match="row 999 is not in space"):
         search(tiny_store, rows=[999])
     with pytest.raises(ValueError, match="is not in"):

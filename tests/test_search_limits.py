@@ -72,7 +72,7 @@ def test_exclude_self_drops_the_query_row_and_keeps_k_hits(tiny_store: Path, col
 
 def test_filter_matching_nothing_names_the_values_there_are(tiny_store: Path, cli: click.Group) -> None:
     with pytest.raises(QueryError, match=r"label=cta.*labels are blue_stripes, green_square, red_disc"):
-        search(tiny_store, rows=[0], where="label=cta")
+        search(tiny_store, rows=[0], where={"label": "cta"})
     out = CliRunner().invoke(cli, ["search", str(tiny_store), "--row", "0", "--where", "split=tset"])
     assert out.exit_code == 1 and "Traceback" not in out.output
     assert "split=tset" in out.output and "splits are train, val" in out.output
@@ -89,7 +89,7 @@ def test_huge_k_is_clamped_before_anything_is_allocated(tiny_store: Path) -> Non
     payload = json.loads(done.stdout)
     assert len(payload["results"][0]) == 36 and payload["k"] == 36
     assert any("k=1000000000" in n and "36" in n for n in payload["notes"])
-    filtered = search(tiny_store, rows=[0], k=10**9, where="split=val")
+    filtered = search(tiny_store, rows=[0], k=10**9, where={"split": "val"})
     assert len(filtered["results"][0]) == 18 and filtered["k"] == 18
     dups = subprocess.run([*cmd, "duplicates", str(tiny_store), "-k", "1000000000", "--json"],
                           capture_output=True, text=True, timeout=120)

@@ -13,6 +13,8 @@ from typing import Any
 
 import faiss
 
+from ..errors import IndexBuildError, SidecarError
+
 MAX_GENERATION = 2**31 - 1  # builds number their files 1, 2, 3...; anything larger was not written by one
 PARAM_LIMITS = {"nprobe": None, "efSearch": 4096, "k_factor_rf": 128}  # None: at most the index's lists
 _INTS = ("rows", "bytes", "rows_bytes", "dim", "recall_queries", "added", "removed")
@@ -41,39 +43,41 @@ def valid_generation(x: Any) -> bool:
 
 
 def check_sidecar(info: Any) -> dict[str, Any]:
-    """``info`` when it has the shape a build writes; else ValueError saying what is wrong."""
+    """``info`` when it has the shape a build writes; else SidecarError saying what is wrong (a phrase
+    such as "its 'rows' is not ...", which the loader completes with the file's name and the fix)."""
     if not isinstance(info, dict):
-        raise ValueError(f"it holds a JSON {type(info).__name__ if info is not None else 'null'}, not an object")
+        raise SidecarError(f"it holds a JSON {type(info).__name__ if info is not None else 'null'}, not an object")
     if not valid_generation(info.get("generation", 0)):
-        raise ValueError(f"its generation is not a whole number from 0 to {MAX_GENERATION}")
+        raise SidecarError(f"its generation is not a whole number from 0 to {MAX_GENERATION}")
     for key in _INTS:
         if key in info and not (_is_int(info[key]) and info[key] >= 0):
-            raise ValueError(f"its {key!r} is not a non-negative whole number")
+            raise SidecarError(f"its {key!r} is not a non-negative whole number")
     for key in _NUMBERS:
         if key in info and not _is_number(info[key]):
-            raise ValueError(f"its {key!r} is not a number")
+            raise SidecarError(f"its {key!r} is not a number")
     for key in _STRINGS:
         if key in info and not (isinstance(info[key], str) or (info[key] is None and key != "factory")):
-            raise ValueError(f"its {key!r} is not a string")
+            raise SidecarError(f"its {key!r} is not a string")
     if not isinstance(info.get("factory"), str):
-        raise ValueError("it names no index factory")
+        raise SidecarError("it names no index factory")
     params = info.get("params", {})
     if not isinstance(params, dict):
-        raise ValueError("its 'params' is not an object of search parameters")
+        raise SidecarError("its 'params' is not an object of search parameters")
     for name, value in params.items():
         if name not in PARAM_LIMITS:
-            raise ValueError(f"its 'params' holds {name!r}, not one of {', '.join(PARAM_LIMITS)}")
+            raise SidecarError(f"its 'params' holds {name!r}, not one of {', '.join(PARAM_LIMITS)}")
         if not (_is_int(value) and value >= 1):
-            raise ValueError(f"its search parameter {name!r} is not a positive whole number")
+            raise SidecarError(f"its search parameter {name!r} is not a positive whole number")
     curve = info.get("tuning_curve", [])
     if not (isinstance(curve, list) and all(isinstance(c, list) and len(c) == 2 and all(map(_is_number, c))
                                             for c in curve)):
-        raise ValueError("its 'tuning_curve' is not a list of [value, recall] pairs")
+        raise SidecarError("its 'tuning_curve' is not a list of [value, recall] pairs")
     return info
 
 
 def check_params(index: faiss.Index, params: dict[str, int]) -> None:
-    """ValueError unless every parameter applies to ``index`` and lies in the range a tuning uses."""
+    """SidecarError (a phrase, as above) unless every parameter applies to ``index`` and lies in the
+    range a tuning uses."""
     ivf = faiss.try_extract_index_ivf(index)
     knobs = {"nprobe": int(ivf.nlist)} if ivf is not None else {}
     if _has_hnsw(index):
@@ -82,9 +86,9 @@ def check_params(index: faiss.Index, params: dict[str, int]) -> None:
         knobs["k_factor_rf"] = PARAM_LIMITS["k_factor_rf"]
     for name, value in params.items():
         if name not in knobs:
-            raise ValueError(f"search parameter {name!r} does not apply to this index type")
+            raise SidecarError(f"search parameter {name!r} does not apply to this index type")
         if value > knobs[name]:
-            raise ValueError(f"search parameter {name!r} is above {knobs[name]}, the most this index uses")
+            raise SidecarError(f"search parameter {name!r} is above {knobs[name]}, the most this index uses")
 
 
 def _inner(idx: faiss.Index) -> faiss.Index | None:
@@ -127,13 +131,13 @@ def min_training_rows(index: faiss.Index) -> tuple[int, str]:
 
 
 def check_trainable(index: faiss.Index, factory: str, kind: str, n: int) -> None:
-    """ValueError naming the kind, the rows and a fix when ``index`` cannot be trained on n vectors."""
+    """IndexBuildError naming the kind, the rows and a fix when ``index`` cannot be trained on n vectors."""
     need, why = min_training_rows(index)
     if n >= need:
         return
     named = f"--kind {kind}" + (f" ({factory})" if factory != kind else "")
     lists = max(1, n // 39)
-    raise ValueError(
+    raise IndexBuildError(
         f"{named} cannot be trained on the {n} vectors of this space: {why}, so it needs at least {need}. "
         f"Use fewer lists (e.g. --kind 'IVF{lists},Flat'), --kind flat (exact, best below 20000 vectors) "
         f"or --kind auto, or embed more images first"

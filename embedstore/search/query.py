@@ -4,6 +4,9 @@ Queries are images (embedded with the space's own backbone and preprocessing, re
 weights differ from the recorded checksum), store rows, or stored paths. With an index
 (``embedstore index``) the search is approximate at the recall it was tuned for; without one it
 is exact, and the result says so. Scores are cosine similarities.
+
+Crash safety: reads the store and the index only; nothing here writes a file. An index that a
+build replaces while it is read is read again at its new generation (``index.files.load_index``).
 """
 from __future__ import annotations
 
@@ -13,17 +16,19 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
+from .._vectors import l2_normalize
+from ..choices import DUPLICATES_THRESHOLD
 from ..data.collection import ImageItem, discover, image_extensions
 from ..errors import IndexFileError, QueryError, SidecarError
-from .rows import WHERE_KEYS, filter_positions, parse_where, self_rows  # noqa: F401 (API)
-from ..index.build import (LoadedIndex, exact_knn, index_files, iter_chunks, load_index,
-                    normalized, omp_threads, vector_fingerprints)
-from ..store.store import Space, Store, open_store
+from ..index.files import LoadedIndex, index_files, load_index
+from ..index.tune import omp_threads
+from ..index.vectors import exact_knn, iter_chunks, normalized, vector_fingerprints
+from ..store import Space, Store, open_store
 from ..utils import timed
+from .rows import WHERE_KEYS, check_where, filter_positions, parse_where, self_rows  # noqa: F401 (API)
 
 FILTER_EXACT_MAX = 100_000  # filtered queries over at most this many rows are answered exactly
 DUPLICATES_EXACT_MAX = 20_000  # duplicates without an index: exact k-NN up to this many rows
-DUPLICATES_THRESHOLD = 0.825  # default cosine for near-duplicates, from benchmarks/duplicates.py
 
 
 # --------------------------------------------------------------------------- queries
@@ -61,9 +66,7 @@ def embed_images(space: Space, images: Sequence[str], device: str = "auto",
     for r in results:
         if r.error:
             errors[r.index] = f"{r.error}: {r.message}"
-    vectors = np.nan_to_num(vectors, nan=0.0).astype(np.float32)
-    faiss.normalize_L2(vectors)
-    return vectors, errors
+    return l2_normalize(np.nan_to_num(vectors, nan=0.0)), errors
 
 
 def row_positions(space: Space, rows: Sequence[int]) -> np.ndarray:
@@ -72,7 +75,7 @@ def row_positions(space: Space, rows: Sequence[int]) -> np.ndarray:
     pos = np.searchsorted(space.rows, rows)
     bad = [int(r) for r, p in zip(rows, pos) if p >= len(space.rows) or space.rows[p] != r]
     if bad:
-        raise ValueError(f"row {bad[0]} is not in space {space.name!r}: rows are the store's image rows "
+        raise QueryError(f"row {bad[0]} is not in space {space.name!r}: rows are the store's image rows "
                          "(see `embedstore search --json` output or the images table)")
     return pos
 
@@ -85,7 +88,7 @@ def path_rows(store: Store, paths: Sequence[str]) -> list[int]:
         rel = os.path.relpath(os.path.abspath(p), store.root) if os.path.isabs(p) and store.root else p
         row = where.get(p, where.get(rel))
         if row is None:
-            raise ValueError(f"{p} is not in {store.path}: give a path as stored (relative to {store.root}) "
+            raise QueryError(f"{p} is not in {store.path}: give a path as stored (relative to {store.root}) "
                              "or use --query to embed a new image")
         rows.append(row)
     return rows
@@ -161,7 +164,7 @@ def _hits(sp: Space, scores: np.ndarray, rows: np.ndarray) -> list[dict[str, Any
 def search(store: str | os.PathLike | Store, *, images: Sequence[str] | None = None,
            rows: Sequence[int] | None = None, paths: Sequence[str] | None = None,
            vectors: np.ndarray | None = None, k: int = 10, space: str | None = None,
-           where: str | Sequence[str] | None = None, exact: bool = False, exclude_self: bool = False,
+           where: dict[str, str] | None = None, exact: bool = False, exclude_self: bool = False,
            device: str = "auto") -> dict[str, Any]:
     """Nearest neighbours by cosine similarity of query images, store rows, stored paths or vectors.
 
@@ -174,8 +177,9 @@ def search(store: str | os.PathLike | Store, *, images: Sequence[str] | None = N
         k: neighbours per query; more than the rows that can be returned gives all of them
             (a note says so).
         space: embedding space (default: the store's first frozen space).
-        where: filters such as ``"label=cat"`` or ``["split=val"]`` (all must hold); one that
-            no image passes raises ``QueryError`` naming the values there are.
+        where: filters such as ``{"label": "cat", "split": "val"}`` (all must hold; strings such
+            as ``"label=cat"`` become one with :func:`parse_where`); one that no image passes
+            raises ``QueryError`` naming the values there are.
         exact: ignore the index and search exactly.
         exclude_self: drop each query's own row from its hits (still up to k hits): the row
             queried, the stored row of a query image's path, else the rows of identical content.
@@ -186,12 +190,12 @@ def search(store: str | os.PathLike | Store, *, images: Sequence[str] | None = N
     query; a query image that cannot be read gets an empty list and an ``error`` in ``queries``.
     """
     if sum(x is not None for x in (images, rows, paths, vectors)) != 1:
-        raise ValueError("give exactly one kind of query: images, rows, paths or vectors")
+        raise QueryError("give exactly one kind of query: images, rows, paths or vectors")
     if k < 1:
         raise QueryError(f"k must be at least 1, not {k}")
     stages: dict[str, float] = {}
     notes: list[str] = []
-    filters = parse_where(where)
+    filters = check_where(where)
     with timed(stages, "open_store"):
         st, sp = _open(store, space)
     positions = filter_positions(sp, filters)
@@ -244,7 +248,8 @@ def _queries(st: Store, sp: Space, images: Sequence[str] | None, rows: Sequence[
     if vectors is not None:
         q = np.atleast_2d(np.asarray(vectors, np.float32))
         if q.shape[1] != sp.dim:
-            raise ValueError(f"query vectors have dimension {q.shape[1]}, space {sp.name!r} has {sp.dim}")
+            raise QueryError(f"query vectors have dimension {q.shape[1]}, space {sp.name!r} has {sp.dim}: "
+                             "give vectors from this space's backbone, or images to embed")
         return normalized(q), [{"query": f"vector {i}"} for i in range(len(q))]
     if paths is not None:
         rows = path_rows(st, paths)

@@ -10,23 +10,39 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import QueryError
-from ..store.store import Space, Store
-from ..utils import hash_file
+from ..store import Space, Store
+from .._hashing import hash_file
 
 WHERE_KEYS = ("label", "split")
 
 
 def parse_where(where: str | Sequence[str] | None) -> dict[str, str]:
-    """``["label=cat", "split=val"]`` -> ``{"label": "cat", "split": "val"}`` (all must hold)."""
+    """``["label=cat", "split=val"]`` -> ``{"label": "cat", "split": "val"}`` (all must hold): the
+    CLI's ``--where`` strings, as :func:`embedstore.search.search` takes them."""
     if not where:
         return {}
     out = {}
     for clause in [where] if isinstance(where, str) else where:
         key, sep, value = clause.partition("=")
         if not sep or key.strip() not in WHERE_KEYS:
-            raise ValueError(f"cannot read --where {clause!r}: use label=NAME or split=NAME")
+            raise QueryError(f"cannot read --where {clause!r}: use label=NAME or split=NAME")
         out[key.strip()] = value.strip()
     return out
+
+
+def check_where(where: dict[str, str] | None) -> dict[str, str]:
+    """``where`` as a filter dict (``{}`` for None); QueryError naming the fix for anything else."""
+    if where is None:
+        return {}
+    if not isinstance(where, dict):
+        raise QueryError(f"where is a dict such as {{'label': 'cat'}}, not {where!r}: "
+                         "turn 'label=cat' strings into one with embedstore.search.parse_where")
+    for key, value in where.items():
+        if key not in WHERE_KEYS:
+            raise QueryError(f"cannot filter on {key!r}: where takes the keys {', '.join(WHERE_KEYS)}")
+        if not isinstance(value, str):
+            raise QueryError(f"where[{key!r}] is a {type(value).__name__}: give the {key} as a string")
+    return dict(where)
 
 
 def filter_positions(sp: Space, where: dict[str, str]) -> np.ndarray | None:
