@@ -1,31 +1,19 @@
-"""The ``embedstore`` command: a thin layer over the library's public functions."""
+"""The ``embedstore`` command: a thin layer over the library's public functions, and its error policy.
+
+Crash safety: the commands write only through the library (atomic writes, journaled store); this
+module writes nothing itself.
+"""
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 import embedstore
-from embedstore.errors import EmbedstoreError
-
-KNOWN_ERRORS = (EmbedstoreError, FileNotFoundError, ValueError, RuntimeError)
-
-
-def friendly_errors(fn: Callable) -> Callable:
-    """Turn the library's errors into one clear line and exit status 1, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except KNOWN_ERRORS as e:
-            raise click.ClickException(str(e)) from e
-
-    return wrapper
+from embedstore_cli.friendly import friendly_errors
 
 
 def emit_json(obj: Any) -> None:
@@ -141,15 +129,17 @@ def embed(path: str, store: str | None, backbone: str, weights: str | None, spac
     (see `embedstore info --failures`) and the run goes on.
     Scale-out: --engine ray runs shards on a Ray cluster; --shard I/N runs one shard here.
     """
+    from embedstore.pipeline import parse_shard
     from embedstore.utils import parse_size
 
     max_bytes = parse_size(max_file_size)
+    shard_pair = parse_shard(shard) if shard is not None else None
     chosen = store is None
     if chosen:
         store = default_store(path)
     summary = embedstore.embed(path, store, backbone=backbone, weights=weights, space=space,
                                batch_size=batch_size, device=device, precision=precision,
-                               workers=workers, dtype=dtype, progress=not quiet, shard=shard, engine=engine,
+                               workers=workers, dtype=dtype, progress=not quiet, shard=shard_pair, engine=engine,
                                address=address, shards=shards, gpus_per_worker=gpus_per_worker,
                                cpus_per_worker=cpus_per_worker, follow_symlinks=follow_symlinks,
                                max_bytes=max_bytes)

@@ -6,10 +6,7 @@ import json
 
 import click
 
-from embedstore.errors import EmbedstoreError
 from embedstore_cli.friendly import friendly as _friendly
-
-KNOWN_ERRORS = (EmbedstoreError, FileNotFoundError, ValueError, RuntimeError)
 
 
 @click.command("merge")

@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 import embedstore
-from embedstore.pipeline import distributed as dist
+from embedstore.index import build_ivf_on_disk, search_ivf_on_disk
+from embedstore.pipeline import merge, ray_runner, shards as dist
 from embedstore.store import FAILURE_COLUMNS, IMAGE_COLUMNS, open_store, write_file
 from embedstore_cli.main import main
 from embedstore_cli.scale_commands import register
@@ -109,14 +110,14 @@ def test_shards_then_merge_equal_a_single_run(tmp_path: Path, images: Path, refe
         seen += list(part.images["path"]) + [f["path"] for f in part.failures]
     assert sorted(seen) == sorted(open_store(reference).images["path"].tolist() + ["train/red_disc/broken.jpg"])
 
-    again = embedstore.embed(images, store, shard="1/3", **TINY)  # a finished shard is skipped
+    again = embedstore.embed(images, store, shard=(1, 3), **TINY)  # a finished shard is skipped
     assert again["shard_skipped"] and again["embedded"] == 0
 
     files = [p for _, _, p in dist.published_shards(store)]
-    first = dist.merge(store, files, remove=False)
+    first = merge(store, files, remove=False)
     assert first["merged"] == 3 and first["images"] == 48 and first["failures"] == 1
     assert_same_store(reference, store)
-    second = dist.merge(store, expect=3)  # merging the same shards again changes nothing
+    second = merge(store, expect=3)  # merging the same shards again changes nothing
     assert second["images"] == 48 and second["rows"] == first["rows"]
     assert_same_store(reference, store)
     assert not dist.shards_dir(store).exists()
@@ -131,7 +132,7 @@ def test_shard_runs_skip_what_the_store_has(tmp_path: Path, images: Path):
     outs = [embedstore.embed(src, store, shard=(i, 2), **TINY) for i in range(2)]
     assert sum(o["embedded"] for o in outs) == 2
     assert sum(o["unchanged"] + o["known_failures"] for o in outs) == 48
-    dist.merge(store)
+    merge(store)
     fresh = tmp_path / "fresh.h5"
     embedstore.embed(src, fresh, **TINY)
     assert_same_store(fresh, store)
@@ -176,7 +177,7 @@ def test_ivf_on_disk_recipe_over_shard_files_is_exact_with_all_lists(tmp_path: P
         files.append(tmp_path / f"shard-{k:05d}-of-00003.h5")
         _write_shard(files[-1], data[a:b], a)
     out = tmp_path / "ivf"
-    manifest = dist.build_ivf_on_disk(files, out, nlist=16, train_size=1500)
+    manifest = build_ivf_on_disk(files, out, nlist=16, train_size=1500)
     assert manifest["vectors"] == 3000 and (out / "merged.ivfdata").stat().st_size >= 3000 * 32 * 4
     assert [e["offset"] for e in manifest["files"]] == [0, 1200, 1900]
 
@@ -184,13 +185,62 @@ def test_ivf_on_disk_recipe_over_shard_files_is_exact_with_all_lists(tmp_path: P
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     queries = x[rng.choice(3000, 50, replace=False)]
     truth = np.argsort(-(queries @ x.T), axis=1)[:, :10]
-    scores, ids, where = dist.search_ivf_on_disk(out, queries, k=10, nprobe=16)
+    scores, ids, where = search_ivf_on_disk(out, queries, k=10, nprobe=16)
     agree = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
     assert agree >= 0.99
     for gid, (file, row) in zip(ids[0], where[0]):  # ids map back to (shard file, row)
         assert open_store(file).images["path"][row] == f"img_{gid:06d}.jpg"
-    _, few, _ = dist.search_ivf_on_disk(out, queries, k=10, nprobe=1)
+    _, few, _ = search_ivf_on_disk(out, queries, k=10, nprobe=1)
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(few, truth)]) < agree  # probes matter
+
+
+def test_library_takes_typed_values_and_raises_embedstore_errors(tmp_path: Path, images: Path):
+    import inspect
+
+    from embedstore.errors import EmbedOptionError, EmbedstoreError, MissingShardFileError, ShardError
+
+    params = inspect.signature(embedstore.embed).parameters
+    assert "discovered" not in params and "preloaded" not in params  # internal: the Ray actor calls the runner
+    store = tmp_path / "s.h5"
+    with pytest.raises(ShardError, match="parse_shard"):  # the library takes (i, n); the CLI parses "i/n"
+        embedstore.embed(images, store, shard="1/3", **TINY)
+    with pytest.raises(ShardError, match="out of range"):
+        embedstore.embed(images, store, shard=(3, 3), **TINY)
+    for bad, match in ((dict(engine="spark"), "engine"), (dict(dtype="int8"), "dtype"),
+                       (dict(batch_size=0), "batch_size"), (dict(shards=4), "engine='ray'"),
+                       (dict(engine="ray", shard=(0, 2)), "shard")):
+        with pytest.raises(EmbedOptionError, match=match):
+            embedstore.embed(images, store, **{**TINY, **bad})
+    with pytest.raises(MissingShardFileError, match="no shard file"):
+        merge(store, [tmp_path / "missing.h5"])
+    other = tmp_path / "other.h5"
+    embedstore.embed(images, other, shard=(0, 4), **TINY)
+    with pytest.raises(ShardError, match="expect"):
+        merge(store, [dist.shard_file(other, 0, 4)], expect=4)
+    assert issubclass(ShardError, EmbedstoreError) and issubclass(ShardError, ValueError)
+    assert not store.exists() and not dist.shards_dir(store).exists()  # refused before anything was written
+
+
+def test_skipped_shard_summary_has_the_keys_of_a_run(tmp_path: Path, images: Path):
+    store = tmp_path / "s.h5"
+    ran = embedstore.embed(images, store, shard=(0, 4), **TINY)
+    skipped = embedstore.embed(images, store, shard=(0, 4), **TINY)
+    assert skipped["shard_skipped"] and not ran["shard_skipped"]
+    assert list(skipped) == list(ran)
+    assert skipped["skipped"] == skipped["images"] == ran["images"] == ran["embedded"] + ran["failed"]
+
+
+def test_ivf_on_disk_without_manifest_is_a_clear_error(tmp_path: Path):
+    from embedstore.errors import IndexFileError
+
+    rng = np.random.default_rng(1)
+    _write_shard(tmp_path / "a.h5", rng.normal(size=(300, 8)), 0)
+    out = tmp_path / "ivf"
+    build_ivf_on_disk([tmp_path / "a.h5"], out, nlist=4)
+    assert not list(out.glob(".*.tmp-*"))  # atomic writes leave no temporary files
+    (out / "manifest.json").unlink()  # as after a build killed before its last step
+    with pytest.raises(IndexFileError, match="build_ivf_on_disk again"):
+        search_ivf_on_disk(out, rng.normal(size=(2, 8)), k=3)
 
 
 # --------------------------------------------------------------------------- on a local Ray cluster
@@ -221,7 +271,7 @@ def test_ray_engine_equals_local_and_skips_finished_shards(tmp_path: Path, image
 def test_ray_worker_killed_mid_shard_loses_and_duplicates_nothing(tmp_path: Path, images: Path, reference: Path,
                                                                   ray_cluster: Any, monkeypatch: pytest.MonkeyPatch):
     store, flag = tmp_path / "killed.h5", tmp_path / "kill-flag"
-    monkeypatch.setenv(dist.KILL_ENV, f"0:{flag}:2")  # die on the first attempt of shard 0, 2 parts in
+    monkeypatch.setenv(ray_runner.KILL_ENV, f"0:{flag}:2")  # die on the first attempt of shard 0, 2 parts in
     out = embedstore.embed(images, store, engine="ray", shards=2, cpus_per_worker=2, **{**TINY, "batch_size": 2})
     killed = flag.read_text()
     assert killed.startswith("killed after"), f"the worker finished shard 0 before it could be killed ({killed})"

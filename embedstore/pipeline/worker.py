@@ -1,0 +1,129 @@
+"""The one embedding loop: plan a listed collection against a store, embed what is new in batches, commit.
+
+Used by :func:`embedstore.pipeline.embed` (this process, whole store or one shard) and by the
+Ray engine's worker actors (one shard each, with a backbone loaded once per actor).
+
+Crash safety: every batch is published as a durable journal part by ``StoreWriter.commit``
+before the next is read; the journal is folded into the store (and a shard's work file published
+by one rename) only at the end, so a run killed at any point resumes with nothing lost or duplicated.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+from tqdm import tqdm
+
+from ..data.collection import ImageItem
+from ..store import Batch, StoreWriter, check_space_compatible
+from ..utils import timed
+from .plan import plan, rebase
+from .shards import ShardJob, prepare_shard
+from .summary import RunSummary, rate
+
+if TYPE_CHECKING:
+    from ..backbones.load import Backbone
+    from ..embedding.embedder import Embedder
+
+
+def embed_batches(todo: Sequence[ImageItem], embedder: Embedder, writer: StoreWriter, space: str,
+                  attrs: dict[str, Any], *, batch_size: int, workers: int | None, max_bytes: int,
+                  progress: bool) -> tuple[int, int]:
+    """Decode, embed and commit ``todo`` batch by batch (one journal part each); returns (embedded, failed)."""
+    from ..embedding.embedder import iter_embeddings  # torch: imported only when there is work
+
+    embedded = failed = 0
+    bar = tqdm(total=len(todo), unit="img", desc=f"embed {space}", disable=not progress, file=sys.stderr)
+    try:
+        for results, vectors in iter_embeddings(todo, embedder, batch_size, workers, max_bytes):
+            batch = Batch()
+            k = 0
+            for r in results:
+                it = todo[r.index]
+                if r.error:
+                    batch.add_failure(path=it.rel, space=space, error=r.error, message=r.message,
+                                      size=r.size, mtime=r.mtime)
+                    failed += 1
+                else:
+                    batch.add_image(vectors[k], path=it.rel, label=it.label, split=it.split,
+                                    size=r.size, hash=r.hash, mtime=r.mtime)
+                    k += 1
+                    embedded += 1
+            writer.commit(batch, space, attrs)
+            bar.update(len(results))
+    finally:
+        bar.close()
+    return embedded, failed
+
+
+def run_items(store: str | os.PathLike, root: str, items: Sequence[ImageItem], *, backbone: str,
+              weights: str | None, space: str, batch_size: int, device: str, precision: str,
+              workers: int | None, dtype: str, progress: bool, max_bytes: int,
+              shard: tuple[int, int] | None = None, loaded: Backbone | None = None,
+              stages: dict[str, float] | None = None, t_start: float | None = None) -> RunSummary:
+    """Embed the listed ``items`` (of the collection at ``root``) into ``store`` or its shard ``(i, n)``.
+
+    Arguments are checked by the caller. ``loaded``: the backbone for ``backbone``/``weights``, when
+    already loaded (a Ray actor reuses one); ``stages``/``t_start``: timings started by the caller.
+    """
+    stages = {} if stages is None else stages
+    t_start = time.perf_counter() if t_start is None else t_start
+    items = list(items)
+    job: ShardJob | None = None
+    if shard is not None:
+        job = prepare_shard(store, root, items, shard, space)
+        if job.done:
+            return job.skipped_summary(backbone)
+        root, items = job.root, job.items
+    with StoreWriter(job.work if job is not None else store, root=root) as writer:
+        with timed(stages, "plan"):
+            snapshot = writer.snapshot()
+            prev = snapshot.spaces.get(space) if snapshot is not None else None
+            if prev is None and job is not None and job.base is not None:
+                prev = job.base.spaces.get(space)  # a shard extends the target store's space
+            if snapshot is not None and snapshot.root and snapshot.root != root:
+                items = [rebase(it, snapshot.root) for it in items]
+            todo, unchanged, known_failed = plan(items, snapshot, space)
+            if job is not None and job.base is not None:  # skip what the target store already has
+                todo, more_unchanged, more_failed = plan(todo, job.base, space)
+                unchanged, known_failed = unchanged + more_unchanged, known_failed + more_failed
+        embedded = failed = 0
+        t_embed = time.perf_counter()
+        if todo:
+            from ..backbones.load import load_backbone  # torch and timm: imported only when there is work
+            from ..embedding.embedder import Embedder
+
+            with timed(stages, "load_backbone"):
+                assert loaded is None or loaded.name == backbone, (loaded.name, backbone)
+                bb = loaded if loaded is not None else load_backbone(backbone, weights)
+                embedder = Embedder(bb, device=device, precision=precision)
+            weights_source, device_type, used_precision = bb.weights, embedder.device.type, embedder.precision
+            attrs = {**bb.space_attrs(), "dtype": dtype, "precision": used_precision, "device": device_type}
+            if prev is not None:
+                check_space_compatible(prev.attrs, attrs, space)
+                attrs["dtype"] = prev.attrs.get("dtype", dtype)
+            attrs["created"] = prev.attrs.get("created") if prev is not None else time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            t_embed = time.perf_counter()
+            with timed(stages, "embed"):
+                embedded, failed = embed_batches(todo, embedder, writer, space, attrs, batch_size=batch_size,
+                                                 workers=workers, max_bytes=max_bytes, progress=progress)
+        else:  # nothing to do: no backbone loaded (its weights need not even be present), torch not imported
+            recorded = prev.attrs if prev is not None else {}
+            weights_source = str(recorded.get("weights", weights or ""))
+            device_type, used_precision = str(recorded.get("device", device)), str(recorded.get("precision", precision))
+            stages["embed"] = 0.0
+        embed_seconds = time.perf_counter() - t_embed
+        with timed(stages, "write"):
+            writer.consolidate()
+            if job is not None:
+                job.publish()
+    extra = {"shard": job.label, "shard_file": str(job.final), "shard_skipped": False} if job else {}
+    return RunSummary(
+        str(store), space, backbone, weights_source, device_type, used_precision, len(items),
+        embedded=embedded, unchanged=unchanged, failed=failed, known_failures=known_failed,
+        seconds=time.perf_counter() - t_start, images_per_s=rate(embedded + failed, embed_seconds if todo else 0.0),
+        stages=stages, extra=extra,
+    )
+
