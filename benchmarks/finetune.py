@@ -1,7 +1,7 @@
 """Fine-tune benchmark: frozen space + logistic regression vs. LP-FT of the last stages + re-embed.
 
 Per data set:
-(a) frozen: ``embedstore.embed`` into a fresh store, then ``classify(models="logreg")`` (C chosen
+(a) frozen: ``embedstore.embed`` into a fresh store, then ``classify(models=["logreg"])`` (C chosen
     on a part of train; scored on val and on a held-out test split);
 (b) fine-tuned: ``embedstore.finetune`` (last N stages, a few epochs, early stopping on
     val), which re-embeds every image into a new space; then the same logistic regression on it.
@@ -36,7 +36,7 @@ import torch
 import embedstore
 from embedstore.heads import classify
 from embedstore.data import ImageItem, discover
-from embedstore.finetuning import finetune
+from embedstore.finetuning import FinetuneConfig, finetune
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets"
@@ -73,7 +73,7 @@ def write_list(items: list[ImageItem], path: Path) -> Path:
 def logreg(store: Path, spaces: list[str], seed: int) -> tuple[dict[str, dict[str, float]], float]:
     """Val and test accuracy of classify's logistic regression per space, and its seconds."""
     t0 = time.perf_counter()
-    report = classify(str(store), spaces=spaces, models="logreg", seed=seed)
+    report = classify(str(store), spaces=spaces, models=["logreg"], seed=seed)
     return ({r["space"]: {"val": r["accuracy"], "test": r["test"]["accuracy"], "C": r["params"].get("C")}
              for r in report.results}, round(time.perf_counter() - t0, 2))
 
@@ -105,9 +105,10 @@ def run_set(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     for n in args.unfreeze:
         print(f"  fine-tune last {n} stage(s), {args.epochs} epochs", file=sys.stderr, flush=True)
         t1 = time.perf_counter()
-        s = finetune(store, space=frozen, unfreeze=n, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                     device=args.device, precision=args.precision, out_space=f"{frozen}-ft{n}", workers=args.workers,
-                     patience=args.patience, seed=args.seed, progress=not args.quiet)
+        s = finetune(store, FinetuneConfig(space=frozen, out_space=f"{frozen}-ft{n}", unfreeze=n, epochs=args.epochs,
+                                           lr=args.lr, batch_size=args.batch_size, device=args.device,
+                                           precision=args.precision, workers=args.workers, patience=args.patience,
+                                           seed=args.seed, progress=not args.quiet))
         scores, classify_s = logreg(store, [frozen, s["out_space"]], args.seed)
         out["finetuned"].append({
             "unfreeze": n, "trained_stages": s["trained_stages"], "trainable_parameters": s["trainable_parameters"],

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import embedstore
-from embedstore.heads import DEFAULT_MODELS, classify
+from embedstore.heads import DEFAULT_MODELS, classify, parse_models
 from embedstore.data import decode_image, discover
 from embedstore.embedding import Embedder
 
@@ -150,7 +150,7 @@ def run_embedstore(source: Path, store: Path, args: argparse.Namespace) -> dict[
                                workers=args.workers, progress=False)
     Path(str(store) + ".lock").unlink(missing_ok=True)  # released by embed; keep the results folder clean
     t0 = time.perf_counter()
-    report = classify(str(store), models=args.models, preprocess=args.preprocess, seed=args.seed)
+    report = classify(str(store), models=parse_models(args.models), preprocess=args.preprocess, seed=args.seed)
     classify_s = time.perf_counter() - t0
     heads = [{k: r[k] for k in ("model", "accuracy", "balanced_accuracy", "macro_f1", "fit_s", "predict_s", "params")
               if k in r} | ({"top5_accuracy": r["top5_accuracy"]} if "top5_accuracy" in r else {})

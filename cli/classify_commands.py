@@ -52,10 +52,10 @@ def classify(store: str, spaces: tuple[str, ...], models: str, protocol: str, pr
     (split protocol) or out-of-fold predictions (cv).
     """
     from embedstore.heads import classify as run
-    from embedstore.heads import write_confusion_png
+    from embedstore.heads import parse_models, write_confusion_png
     from embedstore_cli.main import _table, emit_json
 
-    report = run(store, spaces=list(spaces) or None, models=models, protocol=protocol, preprocess=preprocess,
+    report = run(store, spaces=list(spaces) or None, models=parse_models(models), protocol=protocol, preprocess=preprocess,
                  folds=folds, seed=seed)
     out = report.to_dict()
     best = report.best

@@ -58,14 +58,16 @@ def finetune(store: str, space: str | None, unfreeze: int, epochs: int, lr: floa
     (its attrs record the parent space, the checkpoint's sha256 and the training settings):
       embedstore classify STORE      # frozen and fine-tuned spaces side by side
     """
+    from embedstore.finetuning import FinetuneConfig
     from embedstore.finetuning import finetune as run
     from embedstore_cli.main import _table, emit_json
 
-    s = run(store, space=space, unfreeze=unfreeze, epochs=epochs, lr=lr, batch_size=batch_size, device=device,
-            precision=precision, out_space=out_space, layer_decay=layer_decay, weight_decay=weight_decay,
-            patience=patience, train_bn=train_bn, hflip=hflip, crop_scale=crop_scale, seed=seed, workers=workers,
-            restart=restart, stop_after=stop_after,
-            progress=not quiet and not as_json)
+    config = FinetuneConfig(space=space, out_space=out_space, unfreeze=unfreeze, epochs=epochs, lr=lr,
+                            batch_size=batch_size, layer_decay=layer_decay, weight_decay=weight_decay,
+                            patience=patience, train_bn=train_bn, hflip=hflip, crop_scale=crop_scale,
+                            seed=seed, device=device, precision=precision, workers=workers, restart=restart,
+                            stop_after=stop_after, progress=not quiet and not as_json)
+    s = run(store, config)
     if as_json:
         emit_json(s)
         return

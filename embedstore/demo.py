@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -75,11 +75,12 @@ def imagenet_top(paths: list[Path], backbone: str, k: int = 3) -> list[dict[str,
     ]
 
 
-def compare_heads(store_path: str | os.PathLike, models: str = "logreg,knn,centroid") -> list[dict[str, Any]]:
+def compare_heads(store_path: str | os.PathLike,
+                  models: Sequence[str] = ("logreg", "knn", "centroid")) -> list[dict[str, Any]]:
     """Compare classifier heads on the cached vectors (train split -> val split)."""
     from .heads.compare import classify
 
-    report = classify(store_path, models=models)
+    report = classify(store_path, models=list(models))
     return [
         {k: r[k] for k in ("model", "accuracy", "balanced_accuracy", "fit_s", "params")} for r in report.results
     ]
@@ -88,7 +89,7 @@ def compare_heads(store_path: str | os.PathLike, models: str = "logreg,knn,centr
 def nearest_neighbours(store_path: str | os.PathLike, k: int = 5) -> dict[str, Any]:
     """Search the store with its first val image: the neighbours should share its label."""
     from .search.query import search
-    from .store.store import open_store
+    from .store import open_store
 
     sp = open_store(store_path).space()
     row = int(sp.rows[list(sp.splits).index("val")])

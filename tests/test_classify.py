@@ -54,7 +54,7 @@ def test_cv_protocol_when_the_store_has_no_splits(tmp_path: Path) -> None:
     images = make_collection(tmp_path / "flat", per_class=8, splits=())
     store = tmp_path / "flat.h5"
     embedstore.embed(images, store, backbone=TINY_BACKBONE, weights="random", workers=0, progress=False)
-    report = classify(str(store), models="logreg,knn", folds=4)
+    report = classify(str(store), models=["logreg", "knn"], folds=4)
     assert report.protocol == "cv"
     assert report.evaluation["folds"] == 4 and report.evaluation["eval"] == 24
     assert all(r["accuracy"] >= 0.8 for r in report.results)
@@ -161,7 +161,7 @@ def test_knn_majority_neither_shows_nor_tunes_a_temperature(tiny_store: Path) ->
     """F11: the majority vote does not use a temperature, so its grid, its chosen parameters and
     the classify table leave it out; the softmax vote still tunes it."""
     assert all(set(p) == {"n_neighbors"} for p in MODELS["knn-majority"].grid)
-    report = classify(str(tiny_store), models="knn-majority,knn")
+    report = classify(str(tiny_store), models=["knn-majority", "knn"])
     majority, softmax = report.results
     assert set(majority["params"]) == {"n_neighbors"}
     assert set(softmax["params"]) == {"n_neighbors", "temperature"}
@@ -229,3 +229,25 @@ def test_pipeline_of_embedding_transformer_and_sklearn_head(collection: Path) ->
     pipe.fit(*files("train"))
     X_val, y_val = files("val")
     assert (pipe.predict(X_val) == np.array(y_val)).mean() >= 0.9
+
+
+def test_library_takes_model_names_as_a_list_and_user_mistakes_are_embedstore_errors(tiny_store: Path) -> None:
+    """classify(models=...) is typed: a list of names (None: all); the comma string is the CLI's to parse."""
+    from embedstore.errors import EmbedstoreError, HeadError
+    from embedstore.heads import best_result, model_names
+    from embedstore.heads.protocol import make_preprocess
+
+    assert model_names(None) == list(MODELS) and model_names(("knn", "logreg", "knn")) == ["knn", "logreg"]
+    assert parse_models("knn, logreg") == ["knn", "logreg"]
+    with pytest.raises(HeadError, match=r"list of names such as \['logreg', 'knn'\]"):
+        classify(str(tiny_store), models="logreg,knn")
+    for call, match in ((lambda: classify(str(tiny_store), models=["xgboost"]), "unknown model.*choose from"),
+                        (lambda: classify(str(tiny_store), models=[]), "none given"),
+                        (lambda: classify(str(tiny_store), models=["knn"], protocol="loo"), "unknown protocol"),
+                        (lambda: classify(str(tiny_store), models=["knn"], preprocess="zca"), "unknown preprocessing"),
+                        (lambda: make_preprocess("zca", 4, 4), "unknown preprocessing"),
+                        (lambda: best_result([]), "no classifier result"),
+                        (lambda: FaissKNNClassifier(vote="mean").fit(np.eye(2), ["a", "b"]), "vote")):
+        with pytest.raises(EmbedstoreError, match=match) as info:
+            call()
+        assert isinstance(info.value, ValueError)  # callers catching ValueError still do

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from embedstore.heads import MODELS, best_result, classify
 from embedstore_cli.classify_commands import register
 
-TIED = "centroid,knn,logreg"  # on the tiny store all three score 1.0 on every measure
+TIED = ["centroid", "knn", "logreg"]  # on the tiny store all three score 1.0 on every measure
 
 
 def cli() -> click.Group:
@@ -47,10 +47,10 @@ def test_classify_and_report_name_the_same_best_head_on_a_tie(tiny_store: Path, 
     """F12: the CLI's best, the library's best and the report's best are one rule's choice."""
     from embedstore.report import write_report
 
-    res = CliRunner().invoke(cli(), ["classify", str(tiny_store), "--models", TIED, "--json", "--no-confusion"])
+    res = CliRunner().invoke(cli(), ["classify", str(tiny_store), "--models", ",".join(TIED), "--json", "--no-confusion"])
     assert res.exit_code == 0, res.output
     cli_best = json.loads(res.output)["best"]
-    library = classify(str(tiny_store), models="logreg,knn,centroid")  # another order, another run
+    library = classify(str(tiny_store), models=["logreg", "knn", "centroid"])  # another order, another run
     summary = write_report(tiny_store, tmp_path / "r.html", models=TIED, queries=2, max_points=50)
     assert (cli_best["space"], cli_best["model"]) == (library.best["space"], library.best["model"])
     assert summary["classifiers"]["model"] == cli_best["model"] == best_result(library.results)["model"] == "logreg"

@@ -106,7 +106,7 @@ def test_finetuning_beats_the_frozen_probe(stripes_store: tuple[Path, Path], tun
 
     from embedstore.heads import classify
 
-    report = classify(str(store), models="logreg")  # both spaces side by side
+    report = classify(str(store), models=["logreg"])  # both spaces side by side
     acc = {r["space"]: r["accuracy"] for r in report.results}
     assert set(acc) == {"frozen", "frozen-ft"}
     assert acc["frozen-ft"] >= acc["frozen"] + 0.08
@@ -204,3 +204,30 @@ def test_clear_errors(tmp_path: Path):
     register(group)
     res = CliRunner().invoke(group, ["finetune", str(store), "--quiet"])
     assert res.exit_code == 1 and "train' split" in res.output and "Traceback" not in res.output
+
+
+def test_config_is_checked_whole_and_recorded_from_one_place(tmp_path: Path, tiny_store: Path):
+    """FinetuneConfig refuses bad settings at once (FinetuneError, a ValueError); finetune takes a config,
+    keyword overrides, or both; state.json records exactly the config's run settings."""
+    from embedstore.errors import FinetuneError
+    from embedstore.finetuning import FinetuneConfig
+    from embedstore.finetuning.config import RUN_KEYS
+
+    for bad in ({"epochs": 0}, {"seed": -1}, {"seed": True}, {"hflip": 1.5}, {"lr": 0.0}, {"stop_after": 0},
+                {"batch_size": 2.5}, {"warmup": 2.0}):
+        with pytest.raises(FinetuneError, match=next(iter(bad))) as info:
+            FinetuneConfig(**bad)
+        assert isinstance(info.value, ValueError)
+    with pytest.raises(FinetuneError, match="unknown fine-tune setting.*epochz"):
+        finetune(tiny_store, epochz=1)
+    with pytest.raises(FinetuneError, match="config must be a FinetuneConfig"):
+        finetune(tiny_store, {"epochs": 1})
+    config = FinetuneConfig(out_space="t", unfreeze=1, epochs=3, lr=3e-3, batch_size=8, stop_after=2, **FAST)
+    s = finetune(tiny_store, config, stop_after=1)  # an override replaces the config's value
+    assert s["epochs_run"] == 1 and not s["finished"] and s["unfreeze"] == 1
+    state = json.loads((Path(s["checkpoint_dir"]) / "state.json").read_text())
+    parent = embedstore.open_store(tiny_store).space(s["space"])
+    assert state["settings"] == config.run_settings(parent.name, parent.attrs.get("weights_sha256"))
+    assert tuple(state["settings"]) == RUN_KEYS and state["settings"]["epochs"] == 3
+    with pytest.raises(FinetuneError, match="other settings.*lr: 0.003 there, 0.001 now"):
+        finetune(tiny_store, config, lr=1e-3)

@@ -30,7 +30,7 @@ def cli() -> click.Group:
 
 @pytest.fixture
 def saved(tiny_store: Path, tmp_path: Path) -> tuple[Path, object]:
-    report = classify(str(tiny_store), models="logreg,knn")
+    report = classify(str(tiny_store), models=["logreg", "knn"])
     return Path(report.save_head(str(tmp_path / "head"), model="logreg")), report
 
 

@@ -3,6 +3,8 @@
 Normalisation runs on the device (the reader ships uint8, a quarter of float32's bytes), the
 network runs channels-last under autocast (bf16 on CPUs with AMX/AVX512-BF16, fp16 on GPUs),
 and decoding overlaps with inference through DataLoader worker processes.
+
+Crash safety: computes vectors in memory and writes nothing; the pipeline stores them (store/).
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import numpy as np
 import torch
 
 from ..backbones.load import Backbone
-from ..data.reader import MAX_FILE_BYTES, ImageItem, ImageReader, ReadResult, collate, draft_size
+from ..data.collection import MAX_FILE_BYTES, ImageItem
+from ..data.reader import ImageReader, ReadResult, collate, draft_size
+from ..errors import EmbedOptionError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,13 +56,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
+        raise EmbedOptionError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
     return torch.device(device)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        raise EmbedOptionError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":

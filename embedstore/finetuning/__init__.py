@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .training import stage_groups, sha256_file
+from .config import FinetuneConfig
 from .run import finetune
 
-__all__ = ['stage_groups', 'sha256_file', 'finetune']
+__all__ = ['stage_groups', 'sha256_file', 'finetune', 'FinetuneConfig']

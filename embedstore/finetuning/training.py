@@ -1,14 +1,16 @@
 """Building blocks of the fine-tune stage: stages to unfreeze, optimiser groups, one epoch, checkpoints.
 
-Kept free of store logic so that each piece can be read and tested alone; ``finetune.py`` puts
+Kept free of store logic so that each piece can be read and tested alone; ``run.py`` puts
 them together.
+
+Crash safety: every checkpoint file (weights, optimiser state, ``state.json``) is written by
+:func:`embedstore._atomic.atomic_write` (temporary file, fsync, rename); ``state.json`` last, so it
+always names complete files.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import random
 import sys
 from pathlib import Path
@@ -21,8 +23,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from ..data.reader import ImageItem, ImageReader, collate
+from .._atomic import atomic_write, atomic_write_text
+from .._hashing import sha256_file
+from ..data import ImageItem, ImageReader, collate
 from ..embedding.embedder import _DTYPES
+from ..errors import FinetuneError
 
 
 # --------------------------------------------------------------------------- which layers train
@@ -62,7 +67,7 @@ def unfreeze_last(model: nn.Module, n: int) -> tuple[list[str], list[str]]:
     """Freeze every parameter, then unfreeze the last ``n`` stages; returns (trained, frozen) stage labels."""
     groups = stage_groups(model)
     if not 1 <= n <= len(groups):
-        raise ValueError(f"unfreeze must be 1..{len(groups)} (this backbone has {len(groups)} stages: "
+        raise FinetuneError(f"unfreeze must be 1..{len(groups)} (this backbone has {len(groups)} stages: "
                          f"{', '.join(g for g, _ in groups)}), not {n}")
     params = dict(model.named_parameters())
     model.requires_grad_(False)
@@ -252,25 +257,9 @@ def evaluate(net: Network, batches: torch.utils.data.DataLoader, codes: np.ndarr
 # --------------------------------------------------------------------------- checkpoints
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> str:
     """Write a .safetensors file atomically (temporary file, fsync, rename); return its sha256."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    _replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp))
     return sha256_file(path)
 
 
@@ -287,14 +276,11 @@ def save_checkpoint(folder: Path, epoch: int, net: Network, optimizer: torch.opt
     stem = f"epoch-{epoch:03d}"
     weights_sha = save_weights({f"backbone.{k}": v for k, v in net.backbone.state_dict().items()}
                                | {f"head.{k}": v for k, v in net.head.state_dict().items()}, folder / f"{stem}.safetensors")
-    tmp = folder / f".{stem}.pt.tmp-{os.getpid()}"
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None}, tmp)
-    _replace(tmp, folder / f"{stem}.pt")
+    atomic_write(folder / f"{stem}.pt", lambda tmp: torch.save(
+        {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None}, tmp))
     state.update(epoch=epoch, weights=f"{stem}.safetensors", weights_sha256=weights_sha, optimizer=f"{stem}.pt",
                  optimizer_sha256=sha256_file(folder / f"{stem}.pt"))
-    tmp = folder / f".state.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(state, indent=2))
-    _replace(tmp, folder / "state.json")
+    atomic_write_text(folder / "state.json", json.dumps(state, indent=2))
     keep = {f"{stem}.safetensors", f"{stem}.pt", f"epoch-{state['best']['epoch']:03d}.safetensors"}
     for old in folder.glob("epoch-*"):  # only this run's own files: folder is STORE.finetune/<out-space>
         if old.name not in keep and old.is_file():
@@ -309,7 +295,7 @@ def read_state(folder: Path) -> dict[str, Any] | None:
 def load_net_weights(net: Network, path: Path, expected_sha256: str | None = None) -> None:
     """Load an epoch's backbone and head weights, refusing a file whose checksum differs."""
     if expected_sha256 and sha256_file(path) != expected_sha256:
-        raise ValueError(f"checkpoint {path} does not match its checksum in state.json (damaged?): "
+        raise FinetuneError(f"checkpoint {path} does not match its checksum in state.json (damaged?): "
                          "delete its folder or pass --restart to train again")
     tensors = load_file(str(path))
     net.backbone.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")})

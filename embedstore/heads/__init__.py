@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from .knn import FaissKNNClassifier
 from .confusion import write_confusion_png
-from .compare import classify, fit_head, ClassifyReport, FittedHead, best_result, carve_validation, parse_models, score_predictions, DEFAULT_MODELS, MODELS
+from .protocol import fit_head, FittedHead, best_result, carve_validation, model_names, parse_models, score_predictions, DEFAULT_MODELS, MODELS
+from .compare import classify, ClassifyReport
 from .saved import Head, load_head, save_head, predict_images
 
-__all__ = ['FaissKNNClassifier', 'write_confusion_png', 'classify', 'fit_head', 'ClassifyReport', 'FittedHead', 'best_result', 'carve_validation', 'parse_models', 'score_predictions', 'DEFAULT_MODELS', 'MODELS', 'Head', 'load_head', 'save_head', 'predict_images']
+__all__ = ['FaissKNNClassifier', 'write_confusion_png', 'classify', 'fit_head', 'ClassifyReport', 'FittedHead', 'best_result', 'carve_validation', 'model_names', 'parse_models', 'score_predictions', 'DEFAULT_MODELS', 'MODELS', 'Head', 'load_head', 'save_head', 'predict_images']

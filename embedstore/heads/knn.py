@@ -13,13 +13,11 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .._vectors import l2_normalize
+from ..errors import HeadError
+
 DINO_TEMPERATURE = 0.07
 VOTES = ("softmax", "majority")
-
-
-def _l2(X: np.ndarray) -> np.ndarray:
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -72,17 +70,17 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, X: np.ndarray, y: Sequence) -> "FaissKNNClassifier":
         if self.vote not in VOTES:
-            raise ValueError(f"vote must be 'softmax' or 'majority', not {self.vote!r}")
+            raise HeadError(f"vote must be 'softmax' or 'majority', not {self.vote!r}")
         for name in ("n_neighbors", "block"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, not {value!r}")
+                raise HeadError(f"{name} must be a whole number >= 1, not {value!r}")
         if self.vote == "softmax" and not (isinstance(self.temperature, numbers.Real) and self.temperature > 0):
-            raise ValueError(f"temperature must be > 0, not {self.temperature!r}")
+            raise HeadError(f"temperature must be > 0, not {self.temperature!r}")
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
-        self.train_vectors_ = _l2(X)
+        self.train_vectors_ = l2_normalize(X)
         self.train_codes_ = codes.astype(np.int64)
         self.n_neighbors_ = int(min(self.n_neighbors, len(self.train_vectors_)))
         self.index_ = _flat_index(self.train_vectors_)
@@ -101,7 +99,7 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
     def kneighbors(self, X: np.ndarray, n_neighbors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Cosine similarities and row numbers of the nearest training vectors, at most as many as exist."""
         check_is_fitted(self)
-        Q = _l2(validate_data(self, X, reset=False, dtype=[np.float32, np.float64]))
+        Q = l2_normalize(validate_data(self, X, reset=False, dtype=[np.float32, np.float64]))
         k = int(min(n_neighbors or self.n_neighbors_, len(self.train_vectors_)))
         sims, idx = np.empty((len(Q), k), np.float32), np.empty((len(Q), k), np.int64)
         for s in range(0, len(Q), self.block):

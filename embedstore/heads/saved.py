@@ -18,7 +18,6 @@ place, so a crash leaves the previous head or none, never a manifest paired with
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -28,8 +27,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._atomic import atomic_write_bytes
+from .._hashing import sha256_bytes
 from ..errors import HeadError
-from ..store.store import Space
+from ..store import Space
 
 __all__ = ["HEAD_FORMAT", "Head", "HeadError", "load_head", "predict_images", "save_head"]
 
@@ -106,10 +107,6 @@ def _short(v: Any) -> str:
     return s[:12] if len(s) == 64 else s
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def lineage_of(space: Space) -> dict[str, Any]:
     """The facts of a space that a head needs to embed new images the same way."""
     out = {k: space.attrs.get(k) for k in LINEAGE_KEYS}
@@ -157,7 +154,7 @@ def save_head(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"scikit-learn": sklearn.__version__, "skops": skops.__version__, "numpy": np.__version__},
         "payload": PAYLOAD,
-        "payload_sha256": _sha256(payload),
+        "payload_sha256": sha256_bytes(payload),
     }
     _atomic_write(folder / PAYLOAD, payload)
     _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2, default=str).encode())
@@ -165,15 +162,9 @@ def save_head(
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
     except PermissionError as e:
-        tmp.unlink(missing_ok=True)
         raise HeadError(f"cannot write {path} ({e.strerror}): choose a writable folder for --save-head") from e
 
 
@@ -206,7 +197,7 @@ def load_head(folder: str | os.PathLike) -> Head:
     except OSError as e:
         raise HeadError(f"cannot read {ppath} ({e.strerror or e}): check its permissions, or save the head again "
                         f"with `embedstore classify STORE.h5 --save-head {folder}`") from None
-    if _sha256(payload) != manifest["payload_sha256"]:
+    if sha256_bytes(payload) != manifest["payload_sha256"]:
         raise HeadError(f"{ppath} does not match the sha256 recorded in {mpath}: the file was changed or swapped; "
                         "it was not loaded. Save the head again from its store")
     try:
@@ -249,10 +240,11 @@ def _check_manifest(manifest: Any, mpath: Path) -> None:
         raise HeadError(f"{mpath}: its lineage lacks {', '.join(missing)}: the manifest is incomplete or was edited; "
                         f"{fix}")
     try:
-        if int(lineage["dim"]) < 1:
-            raise ValueError
+        dim = int(lineage["dim"])
     except (TypeError, ValueError):
-        raise HeadError(f"{mpath}: its lineage has dim={lineage['dim']!r}, not a vector size: {fix}") from None
+        dim = 0
+    if dim < 1:
+        raise HeadError(f"{mpath}: its lineage has dim={lineage['dim']!r}, not a vector size: {fix}")
 
 
 def expand_images(sources: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
