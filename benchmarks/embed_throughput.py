@@ -150,7 +150,7 @@ def main() -> None:
         return
 
     import embedstore
-    from embedstore.utils import median_cosine
+    from embedstore._vectors import median_cosine
 
     rows = []
     for name in args.datasets.split(","):

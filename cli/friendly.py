@@ -1,21 +1,53 @@
-"""The command modules' error decorator (kept apart from ``main`` so they import without a cycle), and
-the slow helpers of ``main``'s commands, imported only when used."""
+"""The CLI's error policy (one ``Error: ...`` line for a user's mistake, a traceback for a bug), used by
+every command module, and the slow helpers of ``main``'s commands, imported only when used.
+
+Crash safety: writes nothing.
+"""
 from __future__ import annotations
 
+import errno
 import functools
 from typing import Any, Callable
 
+import click
 
-def friendly(fn: Callable) -> Callable:
-    """Apply ``embedstore_cli.main.friendly_errors`` to ``fn``, looked up at call time."""
+from embedstore.errors import EmbedstoreError
+
+
+# OSErrors that are about a path the user named (whatever their message), and errnos that are about
+# this machine rather than the code (disk full, read-only, no permission): shown as one line too.
+PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def user_error(e: BaseException) -> bool:
+    """True for an error the user can fix: an :class:`EmbedstoreError` (the library's own, each
+    naming the file or value and the fix), or an OSError about a path (a missing file, a folder where
+    a file was expected, no permission, or any OSError that names its file) or about the machine
+    (disk full, read-only). Anything else is a bug and keeps its traceback."""
+    if isinstance(e, EmbedstoreError):
+        return True
+    return isinstance(e, PATH_ERRORS) or (isinstance(e, OSError) and (
+        e.filename is not None or e.errno in ENVIRONMENT_ERRNOS))
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Show a user's mistake (see :func:`user_error`) as one line ``Error: ...`` and exit status 1;
+    let every other exception through, so a bug shows its traceback instead of hiding behind a line."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from embedstore_cli.main import friendly_errors
-
-        return friendly_errors(fn)(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except (EmbedstoreError, OSError) as e:
+            if not user_error(e):
+                raise
+            raise click.ClickException(str(e)) from e
 
     return wrapper
+
+
+friendly = friendly_errors  # the name the command modules import
 
 
 def check_backbones(rows: list[dict[str, Any]]) -> None:
@@ -24,7 +56,6 @@ def check_backbones(rows: list[dict[str, Any]]) -> None:
     Adds ``check`` to each row: ``ok``, ``not installed``, or what differs / why it failed.
     """
     from embedstore.backbones import load_backbone
-    from embedstore.errors import EmbedstoreError
 
     for r in rows:
         if not r["offline"]:

@@ -1,6 +1,7 @@
 """``embedstore report``: a thin layer over :func:`embedstore.report.write_report`.
 
-Wire into the main group with ``register(main)``.
+Wire into the main group with ``register(main)``. Crash safety: the page is written by
+:func:`write_report` (atomically); this module writes nothing itself.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 
 import click
 
+from embedstore.choices import DUPLICATES_THRESHOLD
 from embedstore_cli.friendly import friendly as _friendly
 
 
@@ -28,8 +30,8 @@ def default_out(store: str) -> str:
 @click.option("-k", default=5, show_default=True, type=click.IntRange(1), help="Neighbours shown per query.")
 @click.option("--models", default="logreg,knn", show_default=True,
               help="Classifier heads to compare: comma list, 'all' (slower), or 'none' to skip.")
-@click.option("--threshold", default=0.95, show_default=True, type=click.FloatRange(-1, 1),
-              help="Cosine similarity at or above which images count as near-duplicates.")
+@click.option("--threshold", default=DUPLICATES_THRESHOLD, show_default=True, type=click.FloatRange(-1, 1),
+              help="Cosine similarity at or above which images count as near-duplicates (as `duplicates`).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2 ** 32 - 1),
               help="Seed of the samples and of the 2-D map.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object (with seconds per stage).")
@@ -61,14 +63,16 @@ def report(store: str, out: str | None, spaces: tuple[str, ...], max_points: int
       embedstore report photos.h5                     # writes photos.report.html
       embedstore report photos.h5 --out r.html --max-points 500 --models all
     """
+    from embedstore.heads import parse_models
     from embedstore.report import write_report
     from embedstore.utils import format_size
     from embedstore_cli.main import emit_json
 
+    heads = [] if models.strip() in ("none", "") else parse_models(models)
     out = out or default_out(store)
     say = None if as_json or quiet else (lambda line: click.echo(line, err=True))
     summary = write_report(store, out, space=list(spaces) or None, max_points=max_points, queries=queries, k=k,
-                           models=models, threshold=threshold, seed=seed, progress=say)
+                           models=heads, threshold=threshold, seed=seed, progress=say)
     if as_json:
         emit_json(summary)
         return

@@ -1,6 +1,7 @@
 """Lazy package attributes: a package names what it exports; the module behind a name is imported on first use.
 
 So ``import embedstore.backbones`` (for the registry table) does not import torch until a loader is asked for.
+Crash safety: imports only; nothing is written.
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def test_help_imports_no_heavy_library(command: str) -> None:
 
 def test_choices_match_the_implementations() -> None:
     from embedstore.heads import DEFAULT_MODELS, MODELS
-    from embedstore.index.build import KINDS
+    from embedstore.index import KINDS
 
     assert tuple(MODELS) == DEFAULT_MODELS == choices.HEADS
     assert KINDS == choices.INDEX_KINDS

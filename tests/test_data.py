@@ -155,6 +155,7 @@ def test_reader_records_bad_files_and_reads_good_ones(tmp_path: Path):
         assert by_name[bad].error, bad
         assert by_name[bad].pixels is None
     assert by_name["gone.png"].error == "FileNotFoundError"
+    assert (by_name["zero.jpg"].error, by_name["zero.jpg"].message) == ("EmptyFileError", "empty file (0 bytes): nothing to decode")
     assert by_name["text.jpg"].message == "cannot identify image file (not an image Pillow can read)"
 
 

@@ -104,7 +104,7 @@ def labelled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     gone = images / "val" / "green_square" / "green_square_002.png"
     gone.unlink()
     out = tmp / "shapes.html"
-    summary = write_report(store, out, queries=4, k=3, models="logreg,knn", thumb_px=THUMB)
+    summary = write_report(store, out, queries=4, k=3, models=["logreg", "knn"], thumb_px=THUMB)
     return {"store": store, "out": out, "summary": summary, "text": out.read_text(), "gone": gone, "tmp": tmp}
 
 

@@ -21,7 +21,7 @@ from test_report import Page
 from embedstore.report import STAGES, write_report
 from embedstore.report.thumbs import data_uri, placeholder_jpeg, thumbnail_from_bytes
 from embedstore.store import FAILURE_COLUMNS, write_file
-from embedstore.utils import hash_file
+from embedstore._hashing import hash_file
 from embedstore_cli.main import main
 
 EVIL = "<script>alert(1)</script>"
@@ -55,7 +55,7 @@ def crafted_store(tmp: Path, n: int = 30, label: str = EVIL) -> Path:
 
 def test_store_values_are_escaped_and_css_js_are_package_files(tmp_path: Path) -> None:
     store = crafted_store(tmp_path)
-    s = write_report(store, tmp_path / "r.html", queries=3, k=2, models="knn")
+    s = write_report(store, tmp_path / "r.html", queries=3, k=2, models=["knn"])
     text = (tmp_path / "r.html").read_text()
     assert "alert(1)" in text and s["classifiers"] is not None  # the labels made it into the page ...
     assert "<script>alert" not in text and "</script>.png" not in text  # ... never as markup
@@ -77,7 +77,7 @@ def test_thumbnail_only_of_a_file_matching_the_recorded_hash(tmp_path: Path) -> 
     with h5py.File(store, "r+") as f:
         f["images/path"][5] = str(secret)  # absolute, outside the root, a different hash
         f["images/path"][6] = "../elsewhere/secret.png"  # relative, escaping the root
-    s = write_report(store, tmp_path / "r.html", max_points=30, queries=0, models="none", thumb_px=72)
+    s = write_report(store, tmp_path / "r.html", max_points=30, queries=0, models=[], thumb_px=72)
     page = Page((tmp_path / "r.html").read_text())
     forbidden = data_uri(thumbnail_from_bytes(secret.read_bytes(), 72))
     placeholder = data_uri(placeholder_jpeg(72))
@@ -91,7 +91,7 @@ def test_thumbnail_only_of_a_file_matching_the_recorded_hash(tmp_path: Path) -> 
 def test_stages_are_timed_and_reported(tmp_path: Path) -> None:
     store = crafted_store(tmp_path, label="red_disc")
     lines: list[str] = []
-    s = write_report(store, tmp_path / "r.html", queries=2, models="knn", progress=lines.append)
+    s = write_report(store, tmp_path / "r.html", queries=2, models=["knn"], progress=lines.append)
     assert set(s["stages"]) == set(STAGES) | {"total"} and all(v >= 0 for v in s["stages"].values())
     assert sum(v for k, v in s["stages"].items() if k != "total") <= s["stages"]["total"] + 0.01
     assert len(lines) == len(STAGES) + 1 and all(line.startswith("report: ") for line in lines)
@@ -133,3 +133,21 @@ def test_absurd_sizes_are_clamped_and_output_lands_beside_the_store(tmp_path: Pa
     assert "k lowered from 1000000000 to 29" in res.stderr and "queries lowered from 1000000000 to 30" in res.stderr
     text = page.read_text()
     assert "30 neighbour queries with 29 neighbours each" in text
+
+
+def test_typed_api_models_is_a_list_and_threshold_follows_duplicates(tmp_path: Path) -> None:
+    """write_report takes head names as a list (the CLI parses the comma list); its near-duplicate
+    threshold defaults to the one ``duplicates`` uses, in the library and on the command line."""
+    import inspect
+
+    from embedstore.errors import ReportError
+    from embedstore.search import DUPLICATES_THRESHOLD
+
+    with pytest.raises(ReportError, match=r"\['logreg', 'knn'\]"):
+        write_report(tmp_path / "any.h5", tmp_path / "r.html", models="logreg,knn")
+    assert not (tmp_path / "r.html").exists()
+    assert inspect.signature(write_report).parameters["threshold"].default == DUPLICATES_THRESHOLD
+    option = next(p for p in main.commands["report"].params if p.name == "threshold")
+    assert option.default == DUPLICATES_THRESHOLD and option.show_default
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "any.h5"), "--models", "logreg,xgboost"])
+    assert res.exit_code == 1 and res.output.startswith("Error: unknown model(s) xgboost"), res.output

@@ -1,6 +1,7 @@
 """Frozen pretrained networks: the registry of offline backbones and loading any timm/torchvision name or local weights.
 
 The registry table (names, dims, input sizes) is plain data; the loaders import torch and timm when first used.
+Crash safety: this stage only reads (weights files, timm's cache); it writes nothing of its own.
 """
 from __future__ import annotations
 

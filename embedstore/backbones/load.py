@@ -3,6 +3,8 @@
 A loaded :class:`Backbone` is a frozen network that maps a normalised image batch to pooled
 feature vectors, together with the preprocessing that the model itself declares (timm's data
 config) and a checksum of its weights, which identifies the embedding space it produces.
+
+Crash safety: reads weights only (a pretrained download goes through timm's own cache); writes nothing.
 """
 from __future__ import annotations
 
@@ -18,14 +20,7 @@ from torch import nn
 
 from .. import DEFAULT_BACKBONE
 from ..errors import BackboneError
-from .registry import (  # noqa: F401 (re-exported)
-    RANDOM,
-    REGISTRY,
-    RegistryEntry,
-    default_space_name,
-    list_backbones,
-    offline_names,
-)
+from .registry import RANDOM, REGISTRY, offline_names
 
 
 

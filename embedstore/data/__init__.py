@@ -1,6 +1,7 @@
 """Image collections in: discover a folder or CSV list, read and decode each file safely.
 
 Discovery is plain Python; the reader (a torch Dataset) imports torch when first used.
+Crash safety: this stage only reads; it writes nothing.
 """
 from __future__ import annotations
 

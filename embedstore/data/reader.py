@@ -19,15 +19,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .collection import (  # noqa: F401 (re-exported: discovery is part of the reader stage)
-    MAX_FILE_BYTES,
-    SPLITS,
-    CollectionError,
-    ImageItem,
-    discover,
-    image_extensions,
-)
-from ..errors import FileTooLargeError, NotRegularFileError, OutsideRootError
+from .._hashing import hash_bytes
+from ..errors import EmptyFileError, FileTooLargeError, NotRegularFileError, OutsideRootError
+from .collection import MAX_FILE_BYTES, ImageItem
 
 # Refuse decompression bombs by pixel count (Pillow's limit), before any pixel is decoded.
 MAX_PIXELS = 89_478_485
@@ -103,15 +97,13 @@ class ImageReader(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> ReadResult:
-        from ..utils import hash_bytes
-
         item = self.items[index]
         result = ReadResult(index, None)
         try:
             data = read_file(item, self.max_bytes, result)
             result.hash = hash_bytes(data)
             if not data:
-                raise ValueError("empty file (0 bytes)")
+                raise EmptyFileError("empty file (0 bytes): nothing to decode")
             pixels = self.transform(decode_image(data, self.min_size))
             result.pixels = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
         except Exception as e:  # noqa: BLE001 - a bad file is data, not a crash

@@ -1,4 +1,7 @@
-"""One self-contained HTML page about a store, rendered from Jinja2 templates."""
+"""One self-contained HTML page about a store, rendered from Jinja2 templates.
+
+Crash safety: the store is only read; the page is replaced atomically (see page.py).
+"""
 from __future__ import annotations
 
 from .thumbs import data_uri, thumbnail_jpeg, placeholder_jpeg

@@ -11,8 +11,8 @@ The page is rendered from the package's Jinja2 template ``report/templates/repor
 autoescape on: this module hands it plain values (no HTML), so nothing from a store can inject
 markup. Thumbnails come only from files that still match their recorded hash (report_thumbs.py).
 
-Crash-safety: the store is only read; the page is written to a temporary file beside ``out`` and
-renamed over it, so ``out`` is either the old page or the whole new one.
+Crash-safety: the store is only read; the page is written with ``_atomic.atomic_write_bytes`` (a
+temporary file beside ``out``, fsync'd, renamed over it), so ``out`` is either the old page or the whole new one.
 """
 from __future__ import annotations
 
@@ -25,17 +25,21 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import EmbedstoreError
+from .._atomic import atomic_write_bytes
+from .._vectors import l2_normalize
+from ..choices import DUPLICATES_THRESHOLD
+from ..errors import EmbedstoreError, IndexFileError, ReportError
 from .sections import (MAX_FAILURES_SHOWN, failures_data, finetune_data, label_colors, space_data,
                               summary_data)
-from .thumbs import Thumbnails, data_uri, placeholder_jpeg, thumbnail_jpeg  # noqa: F401 (public names)
-from ..store.store import Space, Store, open_store
+from .thumbs import Thumbnails
+from ..store import Space, Store, open_store
 from ..utils import timed
 
 PCA_BELOW = 25  # fewer points than this: PCA (t-SNE and UMAP need neighbourhoods)
 MAX_GROUPS_SHOWN = 12
 MAX_GROUP_MEMBERS = 8
 MAX_MATRIX_CLASSES = 40
+REPORT_MODELS = ("logreg", "knn")  # the heads compared by default: quick, and usually the best two
 STAGES = ("imports", "open_store", "summary", "projection", "thumbnails", "neighbours", "duplicates", "classifiers", "html")
 
 
@@ -44,7 +48,8 @@ STAGES = ("imports", "open_store", "summary", "projection", "thumbnails", "neigh
 
 def write_report(store: str | os.PathLike | Store, out: str | os.PathLike, *,
                  space: str | Sequence[str] | None = None, max_points: int = 2000, queries: int = 8, k: int = 5,
-                 models: str | Sequence[str] = "logreg,knn", threshold: float = 0.95, thumb_px: int = 72,
+                 models: Sequence[str] | None = REPORT_MODELS, threshold: float = DUPLICATES_THRESHOLD,
+                 thumb_px: int = 72,
                  seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write a self-contained HTML report of a store to ``out``.
 
@@ -55,8 +60,10 @@ def write_report(store: str | os.PathLike | Store, out: str | os.PathLike, *,
         max_points: most images drawn on each space's map (a seeded random sample).
         queries: nearest-neighbour queries shown per space (the same images in every space).
         k: neighbours shown per query.
-        models: classifier heads to compare (comma list, ``"all"``, or ``"none"`` to skip).
-        threshold: cosine similarity at or above which images count as near-duplicates.
+        models: names of the classifier heads to compare, e.g. ``["logreg", "knn"]`` (the default);
+            ``None`` compares every head, an empty list skips the comparison.
+        threshold: cosine similarity at or above which images count as near-duplicates (default: the
+            ``duplicates`` default, :data:`embedstore.choices.DUPLICATES_THRESHOLD`).
         thumb_px: longest side of the JPEG thumbnails.
         seed: seed of every sample and of the 2-D projection (0 to 2**32 - 1).
         progress: called with one line per finished stage (what it did and its seconds).
@@ -67,8 +74,12 @@ def write_report(store: str | os.PathLike | Store, out: str | os.PathLike, *,
     ``notes`` and ``stages`` (seconds per stage, and ``total``; also under the older name ``seconds``).
     """
     if max_points < 1 or queries < 0 or k < 1 or not -1 <= threshold <= 1 or not 0 <= seed < 2 ** 32:
-        raise ValueError("max_points and k must be at least 1, queries at least 0, threshold in [-1, 1] "
-                         "and seed in [0, 2**32 - 1]")
+        raise ReportError(f"cannot write a report with max_points={max_points}, queries={queries}, k={k}, "
+                          f"threshold={threshold}, seed={seed}: max_points and k must be at least 1, queries at "
+                          "least 0, threshold in [-1, 1] and seed in [0, 2**32 - 1]")
+    if isinstance(models, str):
+        raise ReportError(f"models takes a list of head names such as ['logreg', 'knn'] (None: all, []: none), "
+                          f"not the string {models!r}; the CLI's comma list is parsed by embedstore.heads.parse_models")
     t0 = time.perf_counter()
     stages: dict[str, float] = dict.fromkeys(STAGES, 0.0)
 
@@ -91,9 +102,9 @@ def write_report(store: str | os.PathLike | Store, out: str | os.PathLike, *,
     with stage("imports", "loaded scikit-learn, FAISS and search (torch, timm)"):
         import sklearn.manifold  # noqa: F401  (seconds on a cold start: timed on their own, not in a stage below)
 
-        from ..search import query as search  # noqa: F401
-        from ..heads.compare import parse_models
-    heads = [] if models in ("none", "") or (not isinstance(models, str) and not models) else parse_models(models)
+        from .. import search  # noqa: F401
+        from ..heads.protocol import model_names
+    heads = model_names(models) if models is None or len(models) else []
     notes: list[str] = []
     max_points, queries, k = clamp_sizes(st, spaces, max_points, queries, k, notes)
     with stage("summary", "collection summary"):
@@ -204,8 +215,7 @@ def project(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str, str]:
     """
     from sklearn.decomposition import PCA
 
-    X = np.asarray(vectors, np.float32)
-    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    X = l2_normalize(vectors)
     n = len(X)
     if n < 3:
         return np.zeros((n, 2)), "none", f"{n} point(s): no projection"
@@ -243,8 +253,7 @@ def neighbours_data(st: Store, sp: Space, query_rows: list[int], k: int, thumbs:
                     notes: list[str]) -> tuple[dict[str, Any], float | None]:
     """Galleries of each query's k nearest neighbours (:func:`embedstore.search.search`), and the share
     of labelled neighbours that share their query's label."""
-    from ..index.build import IndexFileError
-    from ..search.query import search
+    from ..search import search
 
     if not query_rows:
         return {"skipped": "No query images asked for."}, None
@@ -273,8 +282,7 @@ def neighbours_data(st: Store, sp: Space, query_rows: list[int], k: int, thumbs:
 
 def duplicates_data(st: Store, sp: Space, threshold: float, thumbs: Thumbnails, notes: list[str]) -> dict[str, Any]:
     """Near-duplicate groups from :func:`embedstore.search.duplicates`, the largest first."""
-    from ..index.build import IndexFileError
-    from ..search.query import duplicates
+    from ..search import duplicates
 
     try:
         result = duplicates(st, threshold=threshold, space=sp.name)
@@ -292,7 +300,7 @@ def duplicates_data(st: Store, sp: Space, threshold: float, thumbs: Thumbnails, 
 
 def run_classify(st: Store, spaces: list[Space], heads: list[str], seed: int, notes: list[str]) -> Any:
     """The classifier comparison (:func:`embedstore.heads.classify`), or None when it does not apply."""
-    from ..heads.compare import classify
+    from ..heads import classify
 
     if not heads or len({str(x) for x in st.images["label"] if x}) < 2:
         return None
@@ -369,13 +377,8 @@ def render_page(st: Store, intro: dict[str, Any], sections: list[dict[str, Any]]
 
 def write_atomically(out: Path, page: str) -> int:
     """Write the page to a temporary file and rename it over ``out``; returns its size in bytes."""
-    data = page.encode("utf-8")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, out)
+        return atomic_write_bytes(out, page.encode("utf-8"))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise EmbedstoreError(f"cannot write {out} ({e.strerror or e}): choose a writable --out location") from e
-    return len(data)

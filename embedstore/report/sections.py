@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..store.store import Space, Store
+from ..store import Space, Store
 
 MAX_FAILURES_SHOWN = 200
 MAX_LEGEND = 40

@@ -16,8 +16,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from ..store.store import Store
-from ..utils import hash_bytes
+from ..store import Store
+from .._hashing import hash_bytes
 
 MISSING, CHANGED = "missing", "changed"
 

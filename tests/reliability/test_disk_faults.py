@@ -117,6 +117,6 @@ def test_files_deleted_replaced_or_unreadable_during_a_run(tmp_path: Path):
     for p, h in zip(st2.images["path"], st2.images["hash"]):
         path = Path(st2.abspath(p))
         if path.exists():
-            from embedstore.utils import hash_file
+            from embedstore._hashing import hash_file
 
             assert hash_file(str(path)) == h, p

@@ -45,7 +45,7 @@ def hostile_folder(root: Path) -> tuple[set[str], dict[str, str]]:
     bad = {
         "truncated.jpg": (jpeg[: len(jpeg) // 3], "OSError"),
         "corrupt.png": (png[:16] + b"\x00" * 300, "SyntaxError"),
-        "zero.jpg": (b"", "ValueError"),
+        "zero.jpg": (b"", "EmptyFileError"),
         "text.jpg": (b"just some text, not an image\n" * 20, "UnidentifiedImageError"),
         "page.jpg": (b"<!doctype html><html><body>404 Not Found</body></html>", "UnidentifiedImageError"),
         "bomb.png": (_save(Image.new("1", (12000, 12000)), "PNG"), "DecompressionBombError"),

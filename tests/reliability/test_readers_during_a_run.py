@@ -64,7 +64,7 @@ def test_info_search_and_classify_see_a_growing_consistent_prefix(tmp_path: Path
             partial["search"] += len(sp) < TOTAL
 
             try:
-                report = classify(str(store), models="centroid", protocol="cv")
+                report = classify(str(store), models=["centroid"], protocol="cv")
             except EmbedstoreError as e:  # too few images per class in the prefix so far: said, not crashed
                 assert "needs at least 2 classes" in str(e), e
             else:
