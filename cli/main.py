@@ -1,4 +1,4 @@
-"""The ``embedstore`` command: a thin layer over the library's public functions, and its error policy.
+"""The ``embedstore`` command: a thin layer over the library's public functions (error policy: ``friendly``).
 
 Crash safety: the commands write only through the library (atomic writes, journaled store); this
 module writes nothing itself.

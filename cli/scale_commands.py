@@ -1,8 +1,7 @@
 """``embedstore merge``: a thin layer over :func:`embedstore.pipeline.merge`.
-Add it to a group with ``register(group)``; the shard and Ray options live on ``embedstore embed``."""
+Add it to a group with ``register(group)``; the shard and Ray options live on ``embedstore embed``.
+Crash safety: writes only through the library's merge (journal parts, atomic replace)."""
 from __future__ import annotations
-
-import json
 
 import click
 
@@ -26,10 +25,11 @@ def merge_command(store: str, files: tuple[str, ...], expect: int | None, keep: 
     writer of STORE, and merging a shard twice changes nothing.
     """
     from embedstore.pipeline import merge
+    from embedstore_cli.main import emit_json
 
     summary = merge(store, list(files) or None, expect=expect, remove=not keep)
     if as_json:
-        click.echo(json.dumps(summary, indent=2, default=str))
+        emit_json(summary)
         return
     rows = ", ".join(f"{k}: {v} rows" for k, v in summary["rows"].items()) or "no spaces"
     click.echo(f"{store}: merged {summary['merged']} shard file(s) in {summary['seconds']:.1f}s; "

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from embedstore.choices import DUPLICATES_THRESHOLD
 from embedstore.choices import INDEX_KINDS as KINDS
 from embedstore.utils import parse_size
 from embedstore_cli.friendly import friendly as _friendly
@@ -162,9 +163,10 @@ def _write_results(out: str, result: dict[str, Any]) -> None:
 
 @click.command("duplicates")
 @click.argument("store", type=click.Path(dir_okay=False))
-@click.option("--threshold", type=click.FloatRange(-1, 1),
+@click.option("--threshold", default=DUPLICATES_THRESHOLD, type=click.FloatRange(-1, 1),
               help="Cosine similarity at or above which two images count as duplicates "
-                   "[default: 0.825, calibrated on re-encoded, resized and cropped copies by benchmarks/duplicates.py].")
+                   f"[default: {DUPLICATES_THRESHOLD}, calibrated on re-encoded, resized and cropped copies by "
+                   "benchmarks/duplicates.py].")
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1),
               help="Neighbours per image in the k-NN graph.")
 @click.option("--space", help="Embedding space (default: the store's first frozen space).")
@@ -174,7 +176,7 @@ def duplicates_command(store: str, threshold: float, k: int, space: str | None, 
     """Groups of near-duplicate images, from the index's k-NN graph (connected components)."""
     from embedstore.search import duplicates
 
-    result = duplicates(store, k=k, space=space, **({} if threshold is None else {"threshold": threshold}))
+    result = duplicates(store, threshold=threshold, k=k, space=space)
     if as_json:
         _emit_json(result)
         return

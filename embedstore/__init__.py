@@ -7,12 +7,11 @@ The sub-packages follow the data flow::
 Every name below works after a plain ``import embedstore``; each is imported on first use, so
 ``import embedstore`` (and ``embedstore info``) stay fast. The sub-packages themselves are
 attributes too (``embedstore.search.search``, ``embedstore.index.build_index``).
+Crash safety: importing writes nothing; each stage's modules state their own rule.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from ._lazy import lazy_exports
 from .errors import BackboneError, CollectionError, EmbedstoreError, HeadError, IndexFileError, StoreError, StoreLockedError
 
 __version__ = "0.1.0"
@@ -62,15 +61,8 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    elif name in SUBPACKAGES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module 'embedstore' has no attribute {name!r}")
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, {**{name: f".{pkg}" for name, pkg in _LAZY.items()},
+                                      **{pkg: f".{pkg}" for pkg in SUBPACKAGES}})[0]
 
 
 def __dir__() -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Iterable
 
 CHUNK = 1 << 20
 
@@ -29,10 +30,15 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_chunks(chunks: Iterable[bytes]) -> str:
+    """:func:`sha256_bytes` of the concatenated ``chunks``, without joining them in memory."""
+    h = hashlib.sha256()
+    for block in chunks:
+        h.update(block)
+    return h.hexdigest()
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """:func:`sha256_bytes` of a file, read in chunks."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
+        return sha256_chunks(iter(lambda: f.read(CHUNK), b""))

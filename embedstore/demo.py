@@ -1,4 +1,8 @@
-"""A built-in real example that needs no download: scikit-learn's digits and sample photos."""
+"""A built-in real example that needs no download: scikit-learn's digits and sample photos.
+
+Crash safety: each image is written atomically (``_atomic.atomic_write``: temporary file, fsync,
+rename), so a killed ``embedstore demo`` leaves whole images only, and a rerun writes the missing ones.
+"""
 from __future__ import annotations
 
 import os
@@ -7,6 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
+
+from ._atomic import atomic_write
 
 
 def write_digits(folder: str | os.PathLike, per_class: int = 100, size: int = 64, seed: int = 0) -> Path:
@@ -30,7 +36,8 @@ def write_digits(folder: str | os.PathLike, per_class: int = 100, size: int = 64
                 continue
             out.parent.mkdir(parents=True, exist_ok=True)
             pixels = (255 - digits.images[i] * 255 / 16).astype(np.uint8)  # dark ink on white paper
-            Image.fromarray(pixels, "L").resize((size, size), Image.Resampling.BICUBIC).save(out)
+            image = Image.fromarray(pixels, "L").resize((size, size), Image.Resampling.BICUBIC)
+            atomic_write(out, lambda tmp: image.save(tmp, format="PNG"))
     return root
 
 
@@ -44,7 +51,8 @@ def write_sample_photos(folder: str | os.PathLike) -> list[Path]:
     for name in ("china.jpg", "flower.jpg"):
         out = root / name
         if not out.exists():
-            Image.fromarray(load_sample_image(name)).save(out, quality=95)
+            photo = Image.fromarray(load_sample_image(name))
+            atomic_write(out, lambda tmp: photo.save(tmp, format="JPEG", quality=95))
         paths.append(out)
     return paths
 
@@ -92,6 +100,6 @@ def nearest_neighbours(store_path: str | os.PathLike, k: int = 5) -> dict[str, A
     from .store import open_store
 
     sp = open_store(store_path).space()
-    row = int(sp.rows[list(sp.splits).index("val")])
-    hits = search(store_path, rows=[row], k=k + 1)["results"][0]
-    return {"query": str(sp.paths[list(sp.rows).index(row)]), "hits": [h for h in hits if h["row"] != row][:k]}
+    first_val = list(sp.splits).index("val")
+    hits = search(store_path, rows=[int(sp.rows[first_val])], k=k, exclude_self=True)["results"][0]
+    return {"query": str(sp.paths[first_val]), "hits": hits}

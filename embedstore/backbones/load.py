@@ -1,4 +1,4 @@
-"""Backbones: one registry of offline-ready models, plus any timm or torchvision name.
+"""Loading a backbone: a registry entry's offline checkpoint, any timm or torchvision name, or local weights.
 
 A loaded :class:`Backbone` is a frozen network that maps a normalised image batch to pooled
 feature vectors, together with the preprocessing that the model itself declares (timm's data
@@ -8,20 +8,19 @@ Crash safety: reads weights only (a pretrained download goes through timm's own 
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import timm
 import torch
 from torch import nn
 
 from .. import DEFAULT_BACKBONE
+from .._hashing import sha256_chunks
 from ..errors import BackboneError
 from .registry import RANDOM, REGISTRY, offline_names
-
 
 
 def _efficientnet_lite_loader(level: int) -> Callable[[nn.Module], str]:
@@ -97,12 +96,13 @@ class Backbone:
 
 def weights_checksum(model: nn.Module) -> str:
     """SHA-256 over the names and bytes of every tensor in the state dict."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    def chunks() -> Iterator[bytes]:
+        for name, tensor in model.state_dict().items():
+            yield name.encode()
+            t = tensor.detach().cpu().contiguous().reshape(-1)
+            yield t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+    return sha256_chunks(chunks())
 
 
 def _offline_hint() -> str:

@@ -2,7 +2,7 @@
 
 Each entry states the facts ``embedstore backbones`` shows (feature dim, input size), so the
 listing is instant; tests/test_backbones.py builds every entry's architecture and checks them.
-Loading a backbone (weights, model) lives in :mod:`embedstore.backbones`.
+Loading a backbone (weights, model) lives in :mod:`embedstore.backbones.load`.
 Crash safety: nothing here writes anything.
 """
 from __future__ import annotations

@@ -100,7 +100,8 @@ def _discover_folder(root: str, follow_symlinks: bool = False) -> list[ImageItem
                 continue
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, root)
-            outside = not follow_symlinks and not _inside(os.path.realpath(full), root)
+            # only a symlink can lead out: every folder walked here resolves inside the root already
+            outside = not follow_symlinks and os.path.islink(full) and not _inside(os.path.realpath(full), root)
             items.append(ImageItem(full, rel, *_layout_labels(rel),
                                    refusal=_outside_message("file", full, root) if outside else ""))
     items.sort(key=lambda it: it.rel)

@@ -2,9 +2,9 @@
 
 The reader stage of the pipeline. Every failure is returned as data (error type and message),
 never raised, so one bad file cannot stop a run. The reader opens only regular files, without
-blocking (a FIFO swapped in cannot hang it), and reads at most ``max_bytes`` of each. Folder
-collections do not follow symlinks out of their root unless asked to. Crash safety: this module
-only reads; it writes nothing.
+blocking (a FIFO swapped in cannot hang it), and reads at most ``max_bytes`` of each; an entry
+that discovery refused (a symlink out of the root) is recorded as a failure. Crash safety: this
+module only reads; it writes nothing.
 """
 from __future__ import annotations
 

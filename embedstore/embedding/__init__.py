@@ -1,4 +1,7 @@
-"""Images to vectors: the batched, device-aware forward pass of a backbone, and its scikit-learn transformer."""
+"""Images to vectors: the batched, device-aware forward pass of a backbone, and its scikit-learn transformer.
+
+Imports torch. Crash safety: computes in memory; this stage writes nothing (the pipeline stores the vectors).
+"""
 from __future__ import annotations
 
 from .embedder import Embedder, iter_embeddings, embed_items, cpu_has_bf16, resolve_device, resolve_precision, default_workers, tune_allocator

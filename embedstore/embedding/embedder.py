@@ -55,9 +55,13 @@ def tune_allocator() -> bool:
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as e:  # torch's message lists every device type it knows
+        raise EmbedOptionError(f"cannot use device {device!r} ({e}): use --device auto, cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
         raise EmbedOptionError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
-    return torch.device(device)
+    return chosen
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -13,7 +13,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ..backbones.load import DEFAULT_BACKBONE, load_backbone
+from .. import DEFAULT_BACKBONE
+from ..backbones.load import load_backbone
 from ..data.collection import ImageItem
 from ..errors import CollectionError, EmbedOptionError
 from .embedder import Embedder, embed_items

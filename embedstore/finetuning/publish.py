@@ -42,11 +42,11 @@ def publish(run: Run, net: T.Network, state: dict[str, Any], summary: dict[str, 
     fine = load_backbone(parent.attrs["backbone"], weights=str(weights.resolve()))
     if fine.weights_sha256 != expected:
         raise FinetuneError(f"{weights} does not reload to the trained weights (sha256 {fine.weights_sha256[:12]} "
-                              f"!= {expected[:12]}): delete {folder} and run again")
+                            f"!= {expected[:12]}): delete {folder} and run again")
     existing = st.spaces.get(out_space)
     if existing is not None and existing.attrs.get("weights_sha256") != fine.weights_sha256:
         raise FinetuneError(f"{store_path} already has a space {out_space!r} from other weights: "
-                              "pass another --out-space NAME")
+                            "pass another --out-space NAME")
     embedder = Embedder(fine, device=cfg.device, precision=cfg.precision)
     attrs = {**fine.space_attrs(), "dtype": parent.attrs.get("dtype", "float16"), "precision": embedder.precision,
              "device": embedder.device.type, "parent_space": parent.name,

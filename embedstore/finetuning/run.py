@@ -92,22 +92,18 @@ def finetune(store: str | os.PathLike, config: FinetuneConfig | None = None, **o
     return summary
 
 
-def _is_valid_name(name: str) -> bool:
-    try:
-        validate_space_name(name)
-    except InvalidNameError:
-        return False
-    return True
-
-
 def _open(store_path: Path, cfg: FinetuneConfig) -> Run:
     """Open the store and the parent space; check the out space's name and where its checkpoints go."""
     st = open_store(store_path)
     parent = st.space(cfg.space)
-    if cfg.out_space is None and not _is_valid_name(f"{parent.name}-ft"):
-        raise InvalidNameError(f"space {parent.name!r} gives no valid default name for the new space: "
-                               "pass --out-space NAME (letters, digits, . _ + -)")
-    out_space = validate_space_name(f"{parent.name}-ft" if cfg.out_space is None else cfg.out_space)
+    if cfg.out_space is not None:
+        out_space = validate_space_name(cfg.out_space)
+    else:
+        try:
+            out_space = validate_space_name(f"{parent.name}-ft")
+        except InvalidNameError:
+            raise InvalidNameError(f"space {parent.name!r} gives no valid default name for the new space: "
+                                   "pass --out-space NAME (letters, digits, . _ + -)") from None
     if out_space == parent.name:
         raise FinetuneError(f"out_space must differ from the parent space {parent.name!r}: pass --out-space NAME")
     dev = resolve_device(cfg.device)

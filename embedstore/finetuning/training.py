@@ -68,7 +68,7 @@ def unfreeze_last(model: nn.Module, n: int) -> tuple[list[str], list[str]]:
     groups = stage_groups(model)
     if not 1 <= n <= len(groups):
         raise FinetuneError(f"unfreeze must be 1..{len(groups)} (this backbone has {len(groups)} stages: "
-                         f"{', '.join(g for g, _ in groups)}), not {n}")
+                            f"{', '.join(g for g, _ in groups)}), not {n}")
     params = dict(model.named_parameters())
     model.requires_grad_(False)
     for _, names in groups[-n:]:
@@ -296,7 +296,7 @@ def load_net_weights(net: Network, path: Path, expected_sha256: str | None = Non
     """Load an epoch's backbone and head weights, refusing a file whose checksum differs."""
     if expected_sha256 and sha256_file(path) != expected_sha256:
         raise FinetuneError(f"checkpoint {path} does not match its checksum in state.json (damaged?): "
-                         "delete its folder or pass --restart to train again")
+                            "delete its folder or pass --restart to train again")
     tensors = load_file(str(path))
     net.backbone.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")})
     net.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})

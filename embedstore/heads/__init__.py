@@ -1,4 +1,8 @@
-"""Classifier heads over cached vectors: the estimators, the comparison protocol, and saved heads with lineage."""
+"""Classifier heads over cached vectors: the estimators, the comparison protocol, and saved heads with lineage.
+
+Crash safety: heads are fitted in memory; a saved head's payload and manifest are each written
+atomically, manifest last (:mod:`.saved`), so a crash leaves the previous head or none.
+"""
 from __future__ import annotations
 
 from .knn import FaissKNNClassifier

@@ -17,11 +17,10 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 from sklearn.model_selection import StratifiedKFold
 
-from embedstore.choices import PREPROCESS, PROTOCOLS
-
+from ..choices import PROTOCOLS
 from ..errors import HeadError, StoreError
 from ..store import Space, open_store
-from .protocol import FittedHead, best_result, fit_head, model_names, score_predictions
+from .protocol import FittedHead, best_result, check_preprocess, fit_head, model_names, score_predictions
 
 
 def _rounded(d: dict[str, float]) -> dict[str, float]:
@@ -136,8 +135,7 @@ def classify(
         seed: seed of the carve and the folds.
     """
     names = model_names(models)
-    if preprocess not in PREPROCESS:
-        raise HeadError(f"unknown preprocessing {preprocess!r}: choose from {', '.join(PREPROCESS)}")
+    check_preprocess(preprocess)
     st = open_store(store)
     chosen = _common_rows([st.space(n) for n in (spaces or list(st.spaces) or [None])])
     proto = resolve_protocol(protocol, chosen[0], str(store))
@@ -179,9 +177,11 @@ def _row(sp: Space, head: FittedHead, metrics: dict[str, float], predict_s: floa
 
 
 def _predict(head: FittedHead, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(predictions, probabilities, seconds). Every head predicts the class of its largest probability
+    (temperature-scaled heads and the k-NN heads alike), so the probabilities are computed once."""
     t0 = time.perf_counter()
     proba = head.estimator.predict_proba(X)
-    pred = head.estimator.predict(X)
+    pred = head.estimator.classes_[proba.argmax(1)]
     return pred, proba, time.perf_counter() - t0
 
 

@@ -34,8 +34,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
-from embedstore.choices import PREPROCESS
-
+from ..choices import PREPROCESS
 from ..errors import HeadError
 from .knn import DINO_TEMPERATURE, FaissKNNClassifier
 from .knn import vote as knn_vote
@@ -113,9 +112,17 @@ def model_names(models: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def check_preprocess(name: str) -> str:
+    """``name`` when it is one of :data:`PREPROCESS`; else HeadError naming the choices."""
+    if name not in PREPROCESS:
+        raise HeadError(f"unknown preprocessing {name!r}: choose from {', '.join(PREPROCESS)}")
+    return name
+
+
 def make_preprocess(name: str, n_rows: int, dim: int) -> BaseEstimator | str:
     """``l2`` (unit rows), ``standard`` (zero mean, unit variance), ``pca-whiten`` (PCA to at
     most 256 whitened components, then unit rows) or ``none``."""
+    check_preprocess(name)
     if name == "l2":
         return Normalizer()
     if name == "standard":
@@ -123,9 +130,7 @@ def make_preprocess(name: str, n_rows: int, dim: int) -> BaseEstimator | str:
     if name == "pca-whiten":
         n = max(1, min(256, dim, n_rows - 1))
         return Pipeline([("pca", PCA(n_components=n, whiten=True, random_state=0)), ("l2", Normalizer())])
-    if name == "none":
-        return "passthrough"
-    raise HeadError(f"unknown preprocessing {name!r}: choose from {', '.join(PREPROCESS)}")
+    return "passthrough"  # "none"
 
 
 # --------------------------------------------------------------------------- selection and fitting

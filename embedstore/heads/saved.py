@@ -29,7 +29,7 @@ import numpy as np
 
 from .._atomic import atomic_write_bytes
 from .._hashing import sha256_bytes
-from ..errors import HeadError
+from ..errors import CollectionError, HeadError
 from ..store import Space
 
 __all__ = ["HEAD_FORMAT", "Head", "HeadError", "load_head", "predict_images", "save_head"]
@@ -250,7 +250,6 @@ def _check_manifest(manifest: Any, mpath: Path) -> None:
 def expand_images(sources: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
     """(absolute path, shown name) of every image file given, folders searched recursively."""
     from ..data.collection import discover
-    from ..errors import CollectionError
 
     out = []
     for src in sources:

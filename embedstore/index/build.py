@@ -29,7 +29,7 @@ from ..store import Space, Store, open_store
 from ..utils import format_size, timed
 from .checks import faiss_message
 from .choose import DEFAULT_MEMORY, check_memory, kind_name, new_index, resolve_kind
-from .files import LoadedIndex, build_lock, index_files, load_index, save_index, write_sidecar
+from .files import LoadedIndex, build_lock, index_files, load_built_index, save_index, write_sidecar
 from .gpu import resolve_faiss_device, to_gpu
 from .tune import Tuning, held_out, query_latency, true_neighbours, tune
 from .vectors import iter_chunks, normalized, vector_fingerprints
@@ -169,9 +169,18 @@ def index_vectors(vectors: Any, ids: np.ndarray | None = None, *, kind: str = "a
     stages: dict[str, float] = {}
     notes: list[str] = []
     factory = resolve_kind(kind, n, dim, memory)
+    return build_new(factory, vectors, ids, resolve_faiss_device(device), target_recall, n_queries, seed, stages,
+                     notes)
+
+
+def build_new(factory: str, vectors: Any, ids: np.ndarray, device: str, target_recall: float, n_queries: int,
+              seed: int, stages: dict[str, float], notes: list[str]) -> BuiltIndex:
+    """A new ``factory`` index over every row: trained and filled without the held-out rows, tuned on
+    them, then given them too."""
+    n, dim = len(ids), vectors.shape[1]
     held = held_out(n, n_queries, seed)
-    index = train_and_add(new_index(factory, dim), vectors, ids, np.setdiff1d(np.arange(n), held),
-                          resolve_faiss_device(device), stages, seed, notes)
+    index = train_and_add(new_index(factory, dim), vectors, ids, np.setdiff1d(np.arange(n), held), device, stages,
+                          seed, notes)
     return grow_and_tune(index, factory, vectors, ids, held[:0], held, target_recall, stages, notes, seed)
 
 
@@ -224,11 +233,7 @@ def build_index(store: str | os.PathLike | Store, *, space: str | None = None, k
                 built = _extend(old, factory, sp, fresh, target_recall, n_queries, seed, stages, notes)
                 mode, added, removed = "incremental", len(fresh), len(stale)
         if built is None:
-            held = held_out(len(sp), n_queries, seed)
-            index = train_and_add(new_index(factory, sp.dim), sp.vectors, sp.rows,
-                                  np.setdiff1d(np.arange(len(sp)), held), dev, stages, seed, notes)
-            built = grow_and_tune(index, factory, sp.vectors, sp.rows, held[:0], held, target_recall, stages,
-                                  notes, seed)
+            built = build_new(factory, sp.vectors, sp.rows, dev, target_recall, n_queries, seed, stages, notes)
         info = {
             **built.report(),
             "space": sp.name,
@@ -255,13 +260,12 @@ def build_index(store: str | os.PathLike | Store, *, space: str | None = None, k
 
 def _previous(st: Store, sp: Space, factory: str, target_recall: float, notes: list[str]) -> LoadedIndex | None:
     """The existing index when it can be extended, else None (with a note saying why)."""
-    files = index_files(st.path, sp.name)
-    if not files.sidecar.exists() and not files.index.exists():
-        return None
     try:
-        old = load_index(st, sp.name)
+        old = load_built_index(st, sp.name)
     except IndexFileError as e:
         notes.append(f"rebuilt: the previous index was unusable ({e})")
+        return None
+    if old is None:
         return None
     if old.info.get("factory") != factory:
         notes.append(f"rebuilt: {factory} suits {len(sp)} rows (the previous index was {old.info.get('factory')})")

@@ -80,9 +80,9 @@ def check_params(index: faiss.Index, params: dict[str, int]) -> None:
     range a tuning uses."""
     ivf = faiss.try_extract_index_ivf(index)
     knobs = {"nprobe": int(ivf.nlist)} if ivf is not None else {}
-    if _has_hnsw(index):
+    if has_hnsw(index):
         knobs["efSearch"] = PARAM_LIMITS["efSearch"]
-    if _is_refined(index):
+    if is_refined(index):
         knobs["k_factor_rf"] = PARAM_LIMITS["k_factor_rf"]
     for name, value in params.items():
         if name not in knobs:
@@ -104,11 +104,13 @@ def _walk(index: faiss.Index) -> list[faiss.Index]:
     return out
 
 
-def _has_hnsw(index: faiss.Index) -> bool:
+def has_hnsw(index: faiss.Index) -> bool:
+    """Whether an HNSW graph is anywhere in ``index`` (an efSearch to tune)."""
     return any(isinstance(i, faiss.IndexHNSW) for i in _walk(index))
 
 
-def _is_refined(index: faiss.Index) -> bool:
+def is_refined(index: faiss.Index) -> bool:
+    """Whether ``index`` re-ranks its candidates (``IndexRefine``: a k_factor_rf to tune)."""
     return any(isinstance(i, faiss.IndexRefine) for i in _walk(index))
 
 

@@ -119,6 +119,15 @@ def load_index(store: str | os.PathLike | Store, space: str | None = None) -> Lo
         return _load_files(latest, path, space, st)  # a build switched generations while we read
 
 
+def load_built_index(st: Store, space: str) -> LoadedIndex | None:
+    """The space's index as :func:`load_index` reads it, or None when no index was ever built (neither
+    its sidecar nor its index file exists); damaged files raise ``IndexFileError`` as there."""
+    files = index_files(st.path, space)
+    if not files.sidecar.exists() and not files.index.exists():
+        return None
+    return load_index(st, space)
+
+
 def _load_files(files: IndexFiles, path: Path, space: str, st: Store | None) -> LoadedIndex:
     if not files.sidecar.exists():
         if files.index.exists():
@@ -143,8 +152,7 @@ def _load_files(files: IndexFiles, path: Path, space: str, st: Store | None) -> 
         index = faiss.read_index(str(files.index))
         state = np.load(files.rows, allow_pickle=False)
     except (RuntimeError, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise IndexFileError(f"index file {files.index} is corrupt ({msg}): {_fix(path, space)}") from None
+        raise IndexFileError(f"index file {files.index} is corrupt ({faiss_message(e)}): {_fix(path, space)}") from None
     if index.ntotal != len(state) or len(state) != info.get("rows") or state.ndim != 2:
         raise IndexFileError(f"index file {files.index} holds {index.ntotal} vectors but {files.rows.name} lists "
                              f"{len(state)}: {_fix(path, space)}")
@@ -160,7 +168,6 @@ def _load_files(files: IndexFiles, path: Path, space: str, st: Store | None) -> 
         raise SidecarError(f"index sidecar {files.sidecar} does not fit its index ({faiss_message(e)}): "
                            f"{_fix(path, space)}") from None
     return LoadedIndex(index, info, state[:, 0].copy(), state[:, 1].copy(), files)
-
 
 
 def save_index(index: faiss.Index, rows: np.ndarray, fingerprints: np.ndarray, info: dict[str, Any],

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import faiss
 import h5py
 import numpy as np
 
@@ -33,8 +34,6 @@ def _space_of(path: Path, space: str | None) -> str:
 
 
 def _write_index(index: Any, path: Path) -> None:
-    import faiss
-
     atomic_write(path, lambda tmp: faiss.write_index(index, tmp))
 
 
@@ -63,7 +62,6 @@ def build_ivf_on_disk(
     store that is the store row, as in :mod:`embedstore.index`. Search with :func:`search_ivf_on_disk`.
     Returns the manifest.
     """
-    import faiss
     from faiss.contrib.ondisk import merge_ondisk
 
     out = Path(out_dir)
@@ -133,8 +131,6 @@ def build_ivf_on_disk(
 def search_ivf_on_disk(out_dir: str | os.PathLike, queries: np.ndarray, k: int = 10,
                        nprobe: int = 16) -> tuple[np.ndarray, np.ndarray, list[list[tuple[str, int]]]]:
     """Search an index built by :func:`build_ivf_on_disk`: (scores, ids, [(file, row), ...] per query)."""
-    import faiss
-
     out = Path(out_dir)
     try:
         manifest = json.loads((out / "manifest.json").read_text())

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import faiss
 import numpy as np
 
+from .checks import PARAM_LIMITS, has_hnsw, is_refined
 from .vectors import exact_knn, normalized
 
 K_FACTORS = (16, 32, 64, 128)  # re-ranking depths tried, in order, for refined indexes
@@ -34,13 +35,7 @@ def search_knob(index: faiss.Index) -> tuple[str, int, int] | None:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         return "nprobe", 1, int(ivf.nlist)
-    idx = faiss.downcast_index(index)
-    while not isinstance(idx, faiss.IndexHNSW):
-        inner = getattr(idx, "index", None) or getattr(idx, "base_index", None)
-        if inner is None:
-            return None
-        idx = faiss.downcast_index(inner)
-    return "efSearch", 16, 4096
+    return ("efSearch", 16, PARAM_LIMITS["efSearch"]) if has_hnsw(index) else None
 
 
 def set_params(index: faiss.Index, params: dict[str, int]) -> None:
@@ -48,13 +43,6 @@ def set_params(index: faiss.Index, params: dict[str, int]) -> None:
     ps = faiss.ParameterSpace()
     for name, value in params.items():
         ps.set_index_parameter(index, name, value)
-
-
-def is_refined(index: faiss.Index) -> bool:
-    idx = faiss.downcast_index(index)
-    if isinstance(idx, faiss.IndexIDMap):
-        idx = faiss.downcast_index(idx.index)
-    return isinstance(idx, faiss.IndexRefine)
 
 
 def recall_per_query(found: np.ndarray, truth: np.ndarray) -> np.ndarray:

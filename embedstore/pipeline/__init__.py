@@ -1,4 +1,8 @@
-"""Collection to store: plan what is new, run the batch loop locally, by shards, or on Ray, and merge shards."""
+"""Collection to store: plan what is new, run the batch loop locally, by shards, or on Ray, and merge shards.
+
+Crash safety: every batch is a durable journal part before the next is read, and a shard appears by one
+rename when complete, so a run or merge killed at any point resumes with nothing lost or duplicated.
+"""
 from __future__ import annotations
 
 from .run import embed

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Sequence
 
 import h5py
 import numpy as np
@@ -55,6 +56,13 @@ def rebase(item: ImageItem, root: str) -> ImageItem:
     if rel.startswith(".."):
         rel = item.path
     return ImageItem(item.path, rel, item.label, item.split, item.refusal)
+
+
+def rebase_onto(store: Store | None, root: str, items: Sequence[ImageItem]) -> tuple[str, Sequence[ImageItem]]:
+    """(root, items) as ``store`` records them: items rebased onto its root when it has another one."""
+    if store is not None and store.root and store.root != root:
+        return store.root, [rebase(it, store.root) for it in items]
+    return root, items
 
 
 def plan_view(path: Path) -> Store | None:

@@ -30,9 +30,9 @@ from .. import DEFAULT_BACKBONE
 from ..backbones.registry import default_space_name
 from ..data.collection import MAX_FILE_BYTES, ImageItem, discover
 from ..errors import EmbedOptionError, EngineError, ShardError
-from ..store import validate_space_name
+from ..store import journal_dir, validate_space_name
 from .merge import merge
-from .plan import plan_view, rebase
+from .plan import plan_view, rebase_onto
 from .shards import MAX_SHARDS, published_shards, shard_file, shard_of, work_file
 from .summary import RunSummary, rate
 from .worker import run_items
@@ -84,7 +84,7 @@ def _arm_kill(store: str, i: int, n: int) -> threading.Event:
     if int(index) != i or os.path.exists(flag):
         return stop
     Path(flag).write_text("armed")
-    journal = Path(str(work_file(store, i, n)) + ".journal")
+    journal = journal_dir(work_file(store, i, n))
 
     def watch() -> None:
         while not stop.is_set():
@@ -170,10 +170,15 @@ def embed_ray(
 
     if shards is not None and not 1 <= shards <= MAX_SHARDS:
         raise ShardError(f"shards must be 1..{MAX_SHARDS}, not {shards} (--shards)")
+    unknown = sorted(set(options) - set(RUN_OPTIONS))
+    if unknown:  # before Ray is started or any actor created
+        raise EmbedOptionError(f"embed_ray got unknown options {unknown}: it takes {', '.join(RUN_OPTIONS)}")
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
     store = Path(store).absolute()
     space = validate_space_name(space or default_space_name(backbone, weights))
+    opts = {"batch_size": 64, "device": "auto", "precision": "auto", "workers": None, "dtype": "float16",
+            **{k: v for k, v in options.items() if v is not None}, "space": space}
     root, items = discover(source)
     stages["discover"] = time.perf_counter() - t_start
 
@@ -184,10 +189,7 @@ def embed_ray(
     stale = [p for _, m, p in published_shards(store) if m != n]
     if stale:  # finished shards of an earlier run with another shard count
         merge(store, stale)
-    base = plan_view(store)
-    if base is not None and base.root and base.root != root:
-        items = [rebase(it, base.root) for it in items]
-        root = base.root
+    root, items = rebase_onto(plan_view(store), root, items)
     by_shard: dict[int, list[ImageItem]] = {i: [] for i in range(n)}
     for it in items:
         by_shard[shard_of(it.rel, n)].append(it)
@@ -206,12 +208,6 @@ def embed_ray(
     errors: list[str] = []
     queue = list(pending)
     inflight: dict[Any, tuple[Any, int]] = {}
-    unknown = sorted(set(options) - set(RUN_OPTIONS))
-    if unknown:
-        raise EmbedOptionError(f"embed_ray got unknown options {unknown}: it takes {', '.join(RUN_OPTIONS)}")
-    opts = {k: v for k, v in options.items() if v is not None}
-    opts = {"batch_size": 64, "device": "auto", "precision": "auto", "workers": None, "dtype": "float16",
-            **opts, "space": space}
 
     def submit(actor: Any) -> None:
         i = queue.pop(0)

@@ -26,8 +26,8 @@ import h5py
 from .._atomic import fsync_dir
 from ..data.collection import ImageItem
 from ..errors import ShardError, StoreError
-from ..store import FAILURE_COLUMNS, IMAGE_COLUMNS, Store, write_file
-from .plan import plan_view, rebase
+from ..store import FAILURE_COLUMNS, IMAGE_COLUMNS, Store, lock_path, write_file
+from .plan import plan_view, rebase_onto
 from .summary import RunSummary
 
 _SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.h5$")
@@ -148,7 +148,7 @@ class ShardJob:
             write_file(self.final, attrs={"root": self.root, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
                        images={c: [] for c in IMAGE_COLUMNS}, spaces={}, failures={c: [] for c in FAILURE_COLUMNS})
         fsync_dir(self.final.parent)
-        Path(str(self.work) + ".lock").unlink(missing_ok=True)
+        lock_path(self.work).unlink(missing_ok=True)
         return self.final
 
     def skipped_summary(self, backbone: str) -> RunSummary:
@@ -169,9 +169,7 @@ def prepare_shard(store: str | os.PathLike, root: str, items: Sequence[ImageItem
     i, n = check_shard(shard)
     store = Path(store).absolute()
     base = plan_view(store)
-    if base is not None and base.root and base.root != root:
-        items = [rebase(it, base.root) for it in items]
-        root = base.root
+    root, items = rebase_onto(base, root, items)
     job = ShardJob(store, i, n, root, select_shard(items, i, n), base, space)
     if job.final.exists():
         _, spaces = file_spaces(job.final)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..data.collection import ImageItem
 from ..store import Batch, StoreWriter, check_space_compatible
 from ..utils import timed
-from .plan import plan, rebase
+from .plan import plan, rebase_onto
 from .shards import ShardJob, prepare_shard
 from .summary import RunSummary, rate
 
@@ -83,8 +83,7 @@ def run_items(store: str | os.PathLike, root: str, items: Sequence[ImageItem], *
             prev = snapshot.spaces.get(space) if snapshot is not None else None
             if prev is None and job is not None and job.base is not None:
                 prev = job.base.spaces.get(space)  # a shard extends the target store's space
-            if snapshot is not None and snapshot.root and snapshot.root != root:
-                items = [rebase(it, snapshot.root) for it in items]
+            _, items = rebase_onto(snapshot, root, items)
             todo, unchanged, known_failed = plan(items, snapshot, space)
             if job is not None and job.base is not None:  # skip what the target store already has
                 todo, more_unchanged, more_failed = plan(todo, job.base, space)

@@ -1,6 +1,6 @@
 """One self-contained HTML page about a store, rendered from Jinja2 templates.
 
-Crash safety: the store is only read; the page is replaced atomically (see page.py).
+Crash safety: the store is only read; the page is replaced atomically (see :mod:`.page`).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ sampled (seeded) and the page says how.
 
 The page is rendered from the package's Jinja2 template ``report/templates/report.html.j2`` with
 autoescape on: this module hands it plain values (no HTML), so nothing from a store can inject
-markup. Thumbnails come only from files that still match their recorded hash (report_thumbs.py).
+markup. Thumbnails come only from files that still match their recorded hash (:mod:`.thumbs`).
 
 Crash-safety: the store is only read; the page is written with ``_atomic.atomic_write_bytes`` (a
 temporary file beside ``out``, fsync'd, renamed over it), so ``out`` is either the old page or the whole new one.
@@ -29,8 +29,7 @@ from .._atomic import atomic_write_bytes
 from .._vectors import l2_normalize
 from ..choices import DUPLICATES_THRESHOLD
 from ..errors import EmbedstoreError, IndexFileError, ReportError
-from .sections import (MAX_FAILURES_SHOWN, failures_data, finetune_data, label_colors, space_data,
-                              summary_data)
+from .sections import MAX_FAILURES_SHOWN, failures_data, finetune_data, label_colors, space_data, summary_data
 from .thumbs import Thumbnails
 from ..store import Space, Store, open_store
 from ..utils import timed
@@ -99,7 +98,7 @@ def write_report(store: str | os.PathLike | Store, out: str | os.PathLike, *,
         st.space()  # raises the "no embedding space yet" error
     if progress is not None:
         progress(f"report: {st.path} -> {out} (a line per stage follows)")
-    with stage("imports", "loaded scikit-learn, FAISS and search (torch, timm)"):
+    with stage("imports", "loaded scikit-learn and FAISS"):
         import sklearn.manifold  # noqa: F401  (seconds on a cold start: timed on their own, not in a stage below)
 
         from .. import search  # noqa: F401
@@ -258,10 +257,10 @@ def neighbours_data(st: Store, sp: Space, query_rows: list[int], k: int, thumbs:
     if not query_rows:
         return {"skipped": "No query images asked for."}, None
     try:
-        result = search(st, rows=query_rows, k=k + 1, space=sp.name)
+        result = search(st, rows=query_rows, k=k, space=sp.name, exclude_self=True)
     except IndexFileError as e:
         notes.append(f"space {sp.name}: {e}; galleries use exact search")
-        result = search(st, rows=query_rows, k=k + 1, space=sp.name, exact=True)
+        result = search(st, rows=query_rows, k=k, space=sp.name, exclude_self=True, exact=True)
     notes += [f"space {sp.name}: {n}" for n in result["notes"] if not n.startswith("no index")]
     labels = st.images["label"]
     thumbs.add(query_rows + [h["row"] for hits in result["results"] for h in hits])
@@ -269,7 +268,7 @@ def neighbours_data(st: Store, sp: Space, query_rows: list[int], k: int, thumbs:
     rows = []
     for q, hits in zip(query_rows, result["results"]):
         cells = []
-        for h in [h for h in hits if h["row"] != q][:k]:
+        for h in hits:  # the query itself left out by exclude_self
             match = bool(labels[q]) and h["label"] == labels[q]
             same, total = same + match, total + bool(labels[q] and h["label"])
             cells.append({"cls": "same" if match else "other" if labels[q] else "plain", "score": h["score"],

@@ -1,6 +1,6 @@
 """The report's sections that only reshape what the store holds into plain values for the template
 (templates/report.html.j2 escapes them): collection summary, failures, a space's map and
-legend, frozen vs fine-tuned. The sections that search or classify are in report.py.
+legend, frozen vs fine-tuned. The sections that search or classify are in :mod:`.page`.
 
 Crash-safety: pure functions; nothing here writes.
 """

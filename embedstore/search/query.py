@@ -20,7 +20,7 @@ from .._vectors import l2_normalize
 from ..choices import DUPLICATES_THRESHOLD
 from ..data.collection import ImageItem, discover, image_extensions
 from ..errors import IndexFileError, QueryError, SidecarError
-from ..index.files import LoadedIndex, index_files, load_index
+from ..index.files import LoadedIndex, load_built_index
 from ..index.tune import omp_threads
 from ..index.vectors import exact_knn, iter_chunks, normalized, vector_fingerprints
 from ..store import Space, Store, open_store
@@ -104,15 +104,14 @@ def _open(store: str | os.PathLike | Store, space: str | None) -> tuple[Store, S
 
 def _index_or_none(st: Store, sp: Space, notes: list[str]) -> LoadedIndex | None:
     """The space's index, None (with a note) when none was built; corrupt files raise."""
-    files = index_files(st.path, sp.name)
-    if not files.sidecar.exists() and not files.index.exists():
-        notes.append(f"no index for space {sp.name!r}: exact search over {len(sp)} vectors "
-                     f"(build one with `embedstore index {st.path} --space {sp.name}`)")
-        return None
     try:
-        loaded = load_index(st, sp.name)
+        loaded = load_built_index(st, sp.name)
     except SidecarError as e:
         notes.append(f"no usable index for space {sp.name!r}, exact search over {len(sp)} vectors instead: {e}")
+        return None
+    if loaded is None:
+        notes.append(f"no index for space {sp.name!r}: exact search over {len(sp)} vectors "
+                     f"(build one with `embedstore index {st.path} --space {sp.name}`)")
         return None
     same_rows = np.array_equal(loaded.rows, sp.rows)
     if not same_rows or not np.array_equal(loaded.fingerprints, vector_fingerprints(sp.vectors)):

@@ -1,4 +1,8 @@
-"""The HDF5 store: file layout, the journaled crash-safe writer, validated reading, locks."""
+"""The HDF5 store: file layout, the journaled crash-safe writer, validated reading, locks.
+
+Crash safety: files are only ever published whole (temporary file, fsync, rename) by one lock holder;
+readers see the old or the new content, and a killed writer leaves only whole journal parts (see writer).
+"""
 from __future__ import annotations
 
 from .format import FAILURE_COLUMNS, FORMAT, IMAGE_COLUMNS, journal_dir, list_parts, lock_path, write_file

@@ -13,7 +13,7 @@ Beside it: ``FILE.h5.journal/part-NNNNNNNNNN.h5`` (published batches, same layou
 ``FILE.h5.lock`` (the writer's lock).
 
 Crash safety: :func:`write_file` builds the whole HDF5 image in memory and publishes it with
-``_atomic.atomic_write`` (temporary file beside the target, fsync, ``os.replace``, fsync of the
+``_atomic.atomic_write_bytes`` (temporary file beside the target, fsync, ``os.replace``, fsync of the
 folder), so a file is either absent, the old one, or the complete new one; a killed writer leaves
 at most a ``.NAME.tmp-PID`` file, never read. Reading opens files read-only and refuses a damaged
 file whole (``integrity.check_file``) with a ``StoreError`` naming it and the fix.
@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from .._atomic import atomic_write
+from .._atomic import atomic_write_bytes
 from ..errors import StoreError
 from .integrity import check_file
 
@@ -103,14 +103,14 @@ def _decode_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
     return out
 
 
+def column_dtype(column: str) -> type:
+    """The in-memory type of an images/failures column: ``object`` (str), ``int64`` (size) or ``float64``."""
+    return object if column in _STR_COLUMNS else (np.int64 if column == "size" else np.float64)
+
+
 def _read_columns(group: h5py.Group, columns: Sequence[str]) -> dict[str, np.ndarray]:
-    out = {}
-    for c in columns:
-        ds = group[c]
-        out[c] = ds.asstr()[()] if c in _STR_COLUMNS else ds[()]
-        if c in _STR_COLUMNS:
-            out[c] = np.asarray(out[c], dtype=object)
-    return out
+    return {c: np.asarray(group[c].asstr()[()], dtype=object) if c in _STR_COLUMNS else group[c][()]
+            for c in columns}
 
 
 def _unreadable(path: Path, e: Exception) -> Exception:
@@ -165,7 +165,7 @@ def _write_columns(group: h5py.Group, columns: Sequence[str], data: dict[str, Se
         if c in _STR_COLUMNS:
             arr = np.array([str(v) for v in values], dtype=h5py.string_dtype())
         else:
-            arr = np.asarray(values, dtype=np.int64 if c == "size" else np.float64)
+            arr = np.asarray(values, dtype=column_dtype(c))
         group.create_dataset(c, data=arr, maxshape=(None,), chunks=(_chunk_rows(len(arr), 4096),))
 
 
@@ -208,13 +208,8 @@ def write_file(
             g.create_dataset("rows", data=np.asarray(rows, np.int64), maxshape=(None,),
                              chunks=(_chunk_rows(len(rows), 4096),))
             _write_attrs(g.attrs, sattrs)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            fh.write(buffer.getbuffer())
-
     try:
-        atomic_write(path, write)
+        atomic_write_bytes(path, buffer.getbuffer())
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StoreError(f"no space left to write {path}: free disk space and run again; finished work is kept") from e

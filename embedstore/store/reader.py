@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError
-from .format import FAILURE_COLUMNS, IMAGE_COLUMNS, _STR_COLUMNS, _FileData, _read_file, journal_dir, list_parts
+from .format import FAILURE_COLUMNS, IMAGE_COLUMNS, _FileData, _read_file, column_dtype, journal_dir, list_parts
 from .integrity import check_space_compatible
 
 
@@ -197,7 +197,7 @@ class _State:
     def images(self) -> dict[str, np.ndarray]:
         out = {}
         for c in IMAGE_COLUMNS:
-            dtype = object if c in _STR_COLUMNS else (np.int64 if c == "size" else np.float64)
+            dtype = column_dtype(c)
             out[c] = np.array(self.cols[c], dtype=dtype) if self.cols[c] else np.empty(0, dtype=dtype)
         return out
 
