@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from embedstore.choices import HEADS as DEFAULT_MODELS, PREPROCESS, PROTOCOLS
-from embedstore_cli.friendly import friendly as _friendly
+from embedstore_cli.friendly import emit_json, friendly
 
 
 def _fmt_params(params: dict[str, Any]) -> str:
@@ -40,7 +40,7 @@ def _default_png(store: str, space: str, model: str) -> str:
 @click.option("--save-head", "save_dir", default=None, type=click.Path(file_okay=False),
               help="Save the best head with its space's lineage to this folder (for `embedstore predict`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_friendly
+@friendly
 def classify(store: str, spaces: tuple[str, ...], models: str, protocol: str, preprocess: str, folds: int, seed: int,
              confusion_png: str | None, no_confusion: bool, save_dir: str | None, as_json: bool) -> None:
     """Compare classifier heads on the cached vectors of STORE (every model x space).
@@ -53,7 +53,7 @@ def classify(store: str, spaces: tuple[str, ...], models: str, protocol: str, pr
     """
     from embedstore.heads import classify as run
     from embedstore.heads import parse_models, write_confusion_png
-    from embedstore_cli.main import _table, emit_json
+    from embedstore_cli.main import _table
 
     report = run(store, spaces=list(spaces) or None, models=parse_models(models), protocol=protocol, preprocess=preprocess,
                  folds=folds, seed=seed)
@@ -108,7 +108,7 @@ def classify(store: str, spaces: tuple[str, ...], models: str, protocol: str, pr
               help="Label the readable images and list each unreadable one as a failure (exit 0); "
                    "by default an unreadable image is an error (exit 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_friendly
+@friendly
 def predict(head: str, images: tuple[str, ...], top_k: int, device: str, batch_size: int, keep_going: bool,
             as_json: bool) -> None:
     """Label IMAGES (files or folders) with a head saved by `embedstore classify --save-head`.
@@ -119,7 +119,7 @@ def predict(head: str, images: tuple[str, ...], top_k: int, device: str, batch_s
     """
     from embedstore.errors import CollectionError
     from embedstore.heads import load_head, predict_images
-    from embedstore_cli.main import _table, emit_json
+    from embedstore_cli.main import _table
 
     h = load_head(head)
     preds = predict_images(h, list(images), top_k=top_k, device=device, batch_size=batch_size)

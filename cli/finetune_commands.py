@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from embedstore_cli.friendly import friendly as _friendly
+from embedstore_cli.friendly import emit_json, friendly
 
 
 @click.command()
@@ -41,7 +41,7 @@ from embedstore_cli.friendly import friendly as _friendly
               help="Stop after this many epochs in total (resumable: run again without it to go on).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@_friendly
+@friendly
 def finetune(store: str, space: str | None, unfreeze: int, epochs: int, lr: float, layer_decay: float,
              weight_decay: float, patience: int, train_bn: bool, hflip: float, crop_scale: float, batch_size: int,
              device: str, precision: str, workers: int | None,
@@ -60,7 +60,7 @@ def finetune(store: str, space: str | None, unfreeze: int, epochs: int, lr: floa
     """
     from embedstore.finetuning import FinetuneConfig
     from embedstore.finetuning import finetune as run
-    from embedstore_cli.main import _table, emit_json
+    from embedstore_cli.main import _table
 
     config = FinetuneConfig(space=space, out_space=out_space, unfreeze=unfreeze, epochs=epochs, lr=lr,
                             batch_size=batch_size, layer_decay=layer_decay, weight_decay=weight_decay,

@@ -1,5 +1,6 @@
-"""The CLI's error policy (one ``Error: ...`` line for a user's mistake, a traceback for a bug), used by
-every command module, and the slow helpers of ``main``'s commands, imported only when used.
+"""The CLI's error policy (one ``Error: ...`` line for a user's mistake, a traceback for a bug) and its
+JSON output (``emit_json``), used by every command module, and the slow helpers of ``main``'s
+commands, imported only when used.
 
 Crash safety: writes nothing.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 from typing import Any, Callable
 
 import click
@@ -31,7 +33,12 @@ def user_error(e: BaseException) -> bool:
         e.filename is not None or e.errno in ENVIRONMENT_ERRNOS))
 
 
-def friendly_errors(fn: Callable) -> Callable:
+def emit_json(obj: Any) -> None:
+    """Print ``obj`` as indented JSON (what every ``--json`` option prints); non-JSON values as text."""
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def friendly(fn: Callable) -> Callable:
     """Show a user's mistake (see :func:`user_error`) as one line ``Error: ...`` and exit status 1;
     let every other exception through, so a bug shows its traceback instead of hiding behind a line."""
 
@@ -45,9 +52,6 @@ def friendly_errors(fn: Callable) -> Callable:
             raise click.ClickException(str(e)) from e
 
     return wrapper
-
-
-friendly = friendly_errors  # the name the command modules import
 
 
 def check_backbones(rows: list[dict[str, Any]]) -> None:

@@ -5,7 +5,6 @@ module writes nothing itself.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
@@ -13,11 +12,8 @@ from typing import Any
 import click
 
 import embedstore
-from embedstore_cli.friendly import friendly_errors
-
-
-def emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+from embedstore.choices import ENGINES, MAX_SHARDS, PRECISIONS, STORE_DTYPES
+from embedstore_cli.friendly import emit_json, friendly
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -45,7 +41,7 @@ def main() -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 @click.option("--check", is_flag=True, help="Load each installed backbone and confirm its dim and input size (slow).")
-@friendly_errors
+@friendly
 def backbones(as_json: bool, check: bool) -> None:
     """List backbones that work offline here, and how to name any other model.
 
@@ -87,14 +83,14 @@ def backbones(as_json: bool, check: bool) -> None:
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", default="auto", show_default=True,
-              type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="auto: bf16 on AMX/AVX512-BF16 CPUs, fp16/bf16 on GPU.")
+              type=click.Choice(PRECISIONS), help="auto: bf16 on AMX/AVX512-BF16 CPUs, fp16/bf16 on GPU.")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Decode worker processes. Default: from device and cores.")
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(STORE_DTYPES),
               help="Stored vector type.")
-@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+@click.option("--engine", default="local", show_default=True, type=click.Choice(ENGINES),
               help="local: this process. ray: shards on a Ray cluster (pip install -e .[ray] in a checkout, or pip install ray), then merged.")
 @click.option("--address", default=None, help="Ray cluster: auto or ray://HOST:PORT. Default: a local Ray.")
-@click.option("--shards", default=None, type=click.IntRange(1, 99999),
+@click.option("--shards", default=None, type=click.IntRange(1, MAX_SHARDS),
               help="Ray: number of shards (default 4 per worker).")
 @click.option("--gpus-per-worker", default=None, type=click.FloatRange(0),
               help="Ray: GPUs per worker (default 1 if any, else 0).")
@@ -108,7 +104,7 @@ def backbones(as_json: bool, check: bool) -> None:
               help="Files larger than this are recorded as failures unread (bytes, or e.g. 64M, 1G).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@friendly_errors
+@friendly
 def embed(path: str, store: str | None, backbone: str, weights: str | None, space: str | None, batch_size: int,
           device: str, precision: str, workers: int | None, dtype: str, engine: str, address: str | None,
           shards: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None, shard: str | None,
@@ -176,7 +172,7 @@ def default_store(path: str) -> str:
 @click.argument("store", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--failures", "show_failures", is_flag=True, help="List every recorded failure.")
-@friendly_errors
+@friendly
 def info(store: str, as_json: bool, show_failures: bool) -> None:
     """Describe a store: images, labels, splits, embedding spaces and failures."""
     st = embedstore.open_store(store)
@@ -210,7 +206,7 @@ def info(store: str, as_json: bool, show_failures: bool) -> None:
 @click.option("--backbone", default=embedstore.DEFAULT_BACKBONE, show_default=True)
 @click.option("--per-class", default=100, show_default=True, type=click.IntRange(5), help="Digits per class.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@friendly_errors
+@friendly
 def demo(folder: str, backbone: str, per_class: int, as_json: bool) -> None:
     """Run the main job on a built-in example that needs no download.
 

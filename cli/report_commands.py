@@ -10,7 +10,7 @@ import os
 import click
 
 from embedstore.choices import DUPLICATES_THRESHOLD
-from embedstore_cli.friendly import friendly as _friendly
+from embedstore_cli.friendly import emit_json, friendly
 
 
 def default_out(store: str) -> str:
@@ -36,7 +36,7 @@ def default_out(store: str) -> str:
               help="Seed of the samples and of the 2-D map.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object (with seconds per stage).")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
-@_friendly
+@friendly
 def report(store: str, out: str | None, spaces: tuple[str, ...], max_points: int, queries: int, k: int, models: str,
            threshold: float, seed: int, as_json: bool, quiet: bool) -> None:
     """Write one self-contained HTML page about STORE: open it in any browser, offline.
@@ -66,7 +66,6 @@ def report(store: str, out: str | None, spaces: tuple[str, ...], max_points: int
     from embedstore.heads import parse_models
     from embedstore.report import write_report
     from embedstore.utils import format_size
-    from embedstore_cli.main import emit_json
 
     heads = [] if models.strip() in ("none", "") else parse_models(models)
     out = out or default_out(store)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from embedstore_cli.friendly import friendly as _friendly
+from embedstore_cli.friendly import emit_json, friendly
 
 
 @click.command("merge")
@@ -14,7 +14,7 @@ from embedstore_cli.friendly import friendly as _friendly
 @click.option("--expect", type=click.IntRange(1), help="Refuse unless all N shards (shard-*-of-N) are finished.")
 @click.option("--keep", is_flag=True, help="Keep the shard files after merging (default: delete them).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object.")
-@_friendly
+@friendly
 def merge_command(store: str, files: tuple[str, ...], expect: int | None, keep: bool, as_json: bool) -> None:
     """Fold finished shard files into STORE (created if absent).
 
@@ -25,7 +25,6 @@ def merge_command(store: str, files: tuple[str, ...], expect: int | None, keep: 
     writer of STORE, and merging a shard twice changes nothing.
     """
     from embedstore.pipeline import merge
-    from embedstore_cli.main import emit_json
 
     summary = merge(store, list(files) or None, expect=expect, remove=not keep)
     if as_json:

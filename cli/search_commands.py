@@ -12,11 +12,7 @@ import click
 from embedstore.choices import DUPLICATES_THRESHOLD
 from embedstore.choices import INDEX_KINDS as KINDS
 from embedstore.utils import parse_size
-from embedstore_cli.friendly import friendly as _friendly
-
-
-def _emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+from embedstore_cli.friendly import emit_json, friendly
 
 
 def _table(rows: list[list[Any]], header: list[str], indent: str = "  ") -> str:
@@ -51,7 +47,7 @@ def _notes(notes: list[str]) -> None:
               help="cuda needs faiss's GPU build: pip install -e .[gpu] in a checkout (faiss-gpu-cu12).")
 @click.option("--rebuild", is_flag=True, help="Build from scratch instead of adding new rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar as JSON.")
-@_friendly
+@friendly
 def index_command(store: str, space: str | None, kind: str, memory: int, target_recall: float, device: str,
                   rebuild: bool, as_json: bool) -> None:
     """Build or update the FAISS index of a store's space (cosine similarity).
@@ -68,7 +64,7 @@ def index_command(store: str, space: str | None, kind: str, memory: int, target_
     info = build_index(store, space=space, kind=kind, memory=memory, target_recall=target_recall,
                        device=device, rebuild=rebuild)
     if as_json:
-        _emit_json(info)
+        emit_json(info)
         return
     params = ", ".join(f"{k}={v}" for k, v in info["params"].items()) or "exact"
     what = {"full": f"built in {info['build_seconds']:.1f}s",
@@ -97,7 +93,7 @@ def index_command(store: str, space: str | None, kind: str, memory: int, target_
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Write every result to FILE.csv or FILE.json (folder queries: STORE.search/FOLDER.csv).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"results": [[{path, score, row, label}, ...], ...]}.')
-@_friendly
+@friendly
 def search_command(store: str, more_images: tuple[str, ...], images: tuple[str, ...], rows: tuple[int, ...],
                    paths: tuple[str, ...], k: int, space: str | None, where: tuple[str, ...], exact: bool,
                    exclude_self: bool, out: str | None, as_json: bool) -> None:
@@ -123,7 +119,7 @@ def search_command(store: str, more_images: tuple[str, ...], images: tuple[str, 
         _write_results(out, result)
         click.echo(f"wrote {len(result['results'])} queries' results to {out}", err=True)
     if as_json:
-        _emit_json(result)
+        emit_json(result)
     elif not out:
         _print_results(result)
     _notes(result["notes"] + (["exact search"] if result["exact"] and not result["notes"] else []))
@@ -171,14 +167,14 @@ def _write_results(out: str, result: dict[str, Any]) -> None:
               help="Neighbours per image in the k-NN graph.")
 @click.option("--space", help="Embedding space (default: the store's first frozen space).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_friendly
+@friendly
 def duplicates_command(store: str, threshold: float, k: int, space: str | None, as_json: bool) -> None:
     """Groups of near-duplicate images, from the index's k-NN graph (connected components)."""
     from embedstore.search import duplicates
 
     result = duplicates(store, threshold=threshold, k=k, space=space)
     if as_json:
-        _emit_json(result)
+        emit_json(result)
         return
     groups = result["groups"]
     click.echo(f"{len(groups)} groups of near-duplicates ({result['in_groups']} of {result['images']} images, "

@@ -96,3 +96,14 @@ class ReportError(EmbedstoreError, ValueError):
 
 class MissingShardFileError(StoreError, FileNotFoundError):
     """A shard file listed for a merge does not exist."""
+
+
+class MissingImageError(CollectionError, FileNotFoundError):
+    """An image file or folder given to search or predict does not exist (``filename`` names it), or none was given."""
+
+    def __init__(self, message: str, filename: str | None = None) -> None:
+        super().__init__(message)
+        self.errno, self.filename = 2, filename  # ENOENT
+
+    def __str__(self) -> str:  # the message alone, not OSError's "[Errno 2] ...: 'file'"
+        return str(self.args[0])

@@ -17,7 +17,7 @@ import embedstore
 from embedstore import errors
 from embedstore.errors import EmbedstoreError, ReportError, SizeError
 from embedstore.utils import parse_size
-from embedstore_cli.friendly import friendly_errors
+from embedstore_cli.friendly import friendly
 from embedstore_cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def _command(exc: BaseException) -> click.Command:
     """A click command whose body raises ``exc``, wrapped like every embedstore command."""
 
     @click.command()
-    @friendly_errors
+    @friendly
     def boom() -> None:
         raise exc
 
@@ -99,7 +99,7 @@ def test_a_bug_propagates_with_its_traceback(exc: BaseException) -> None:
         raise exc
 
     with pytest.raises(type(exc)) as caught:
-        friendly_errors(buggy)()
+        friendly(buggy)()
     assert caught.value is exc
     res = CliRunner().invoke(_command(exc), [])
     assert res.exception is exc and "Error:" not in res.output
@@ -111,8 +111,8 @@ def test_a_bug_in_a_real_command_shows_a_traceback(tmp_path: Path) -> None:
     import sys
 
     code = ("import click, sys\n"
-            "from embedstore_cli.main import main, friendly_errors\n"
-            "@main.command('crash')\n@friendly_errors\ndef crash():\n    1 / 0\n"
+            "from embedstore_cli.main import main, friendly\n"
+            "@main.command('crash')\n@friendly\ndef crash():\n    1 / 0\n"
             "sys.argv = ['embedstore', 'crash']\nmain()\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 1

@@ -12,10 +12,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from PIL import Image
 
-from ..errors import CollectionError
+from ..errors import CollectionError, MissingImageError
 
 SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -74,6 +75,30 @@ def discover(source: str | os.PathLike, follow_symlinks: bool = False) -> tuple[
                                   "list one image per row, path[,label[,split]]")
         return root, items
     raise CollectionError(f"{src} is neither a folder nor a .csv list")
+
+
+def expand_images(sources: Sequence[str | os.PathLike], what: str = "image") -> list[ImageItem]:
+    """The images named by ``sources`` (image files, and folders searched recursively as :func:`discover`
+    lists them), in order: ``path`` absolute, ``rel`` the name to show (the file as given, or the folder
+    as given joined with the image's path inside it). Every listed file is returned, refusals cleared: the
+    reader decides what it can decode. Raises :class:`MissingImageError` (a CollectionError and a
+    FileNotFoundError whose ``filename`` is the path) for a path that does not exist or when none is
+    given, and discovery's CollectionError for a folder without images; ``what`` names them in messages.
+    """
+    out: list[ImageItem] = []
+    for src in sources:
+        p = Path(src)
+        if p.is_dir():
+            out.extend(ImageItem(it.path, str(p / it.rel), it.label, it.split) for it in discover(p)[1])
+        elif p.exists():
+            out.append(ImageItem(os.path.abspath(p), str(src)))
+        else:
+            raise MissingImageError(f"{what} {src} does not exist: pass image files or folders of images", str(src))
+    if not out:
+        exts = ", ".join(sorted(image_extensions())[:8])
+        raise MissingImageError(f"no {what}s in {', '.join(map(str, sources)) or 'an empty list'} "
+                                f"(looked for {exts}, ...): pass image files or folders of images")
+    return out
 
 
 def _discover_folder(root: str, follow_symlinks: bool = False) -> list[ImageItem]:

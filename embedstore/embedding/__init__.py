@@ -4,7 +4,7 @@ Imports torch. Crash safety: computes in memory; this stage writes nothing (the 
 """
 from __future__ import annotations
 
-from .embedder import Embedder, iter_embeddings, embed_items, cpu_has_bf16, resolve_device, resolve_precision, default_workers, tune_allocator
+from .embedder import AUTOCAST_DTYPES, Embedder, iter_embeddings, embed_items, cpu_has_bf16, resolve_device, resolve_precision, default_workers, tune_allocator
 from .transformer import EmbeddingTransformer
 
-__all__ = ['Embedder', 'iter_embeddings', 'embed_items', 'cpu_has_bf16', 'resolve_device', 'resolve_precision', 'default_workers', 'tune_allocator', 'EmbeddingTransformer']
+__all__ = ['AUTOCAST_DTYPES', 'Embedder', 'iter_embeddings', 'embed_items', 'cpu_has_bf16', 'resolve_device', 'resolve_precision', 'default_workers', 'tune_allocator', 'EmbeddingTransformer']

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 
 from ..backbones.load import Backbone
+from ..choices import PRECISIONS
 from ..data.collection import MAX_FILE_BYTES, ImageItem
 from ..data.reader import ImageReader, ReadResult, collate, draft_size
 from ..errors import EmbedOptionError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# precision name -> the dtype torch.autocast computes in (fp32: no autocast); the fine-tune stage uses it too
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @lru_cache(maxsize=1)
@@ -100,7 +101,7 @@ class Embedder:
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         x = batch.to(self.device, non_blocking=True).float()
         x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=_DTYPES.get(self.precision), enabled=self.precision != "fp32"):
+        with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(self.precision), enabled=self.precision != "fp32"):
             out = self.model(x)
         return out.float().cpu().numpy()
 

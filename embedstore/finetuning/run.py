@@ -142,7 +142,7 @@ def _resume(run: Run, model: Model) -> tuple[dict[str, Any] | None, int | None]:
                 + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
                 + "): pass --restart (restart=True) to train again, or another --out-space NAME")
         T.load_net_weights(model.net, run.folder / state["weights"], state["weights_sha256"])
-        T.load_optimizer(run.folder / state["optimizer"], model.optimizer, model.scaler)
+        T.load_optimizer(run.folder / state["optimizer"], model.optimizer, model.scaler, state.get("optimizer_sha256"))
     elif run.out_space in run.st.spaces:
         raise FinetuneError(f"{run.store_path} already has a space {run.out_space!r} (an earlier run whose checkpoint "
                             f"{run.folder} is gone or being restarted): pass another --out-space NAME")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -26,7 +28,7 @@ from tqdm import tqdm
 from .._atomic import atomic_write, atomic_write_text
 from .._hashing import sha256_file
 from ..data import ImageItem, ImageReader, collate
-from ..embedding.embedder import _DTYPES
+from ..embedding import AUTOCAST_DTYPES
 from ..errors import FinetuneError
 
 
@@ -195,7 +197,7 @@ class Network(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = ((images.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=_DTYPES.get(self.precision), enabled=self.precision != "fp32"):
+        with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES.get(self.precision), enabled=self.precision != "fp32"):
             features = self.backbone(x)
         return self.head(features.float())
 
@@ -287,23 +289,72 @@ def save_checkpoint(folder: Path, epoch: int, net: Network, optimizer: torch.opt
             old.unlink(missing_ok=True)
 
 
+# what ``state.json`` must hold to resume from it (``optimizer_sha256`` is absent in older checkpoints)
+STATE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "settings": dict, "classes": list, "step": int, "done": bool, "history": list, "best": dict, "epoch": int,
+    "weights": str, "weights_sha256": str, "optimizer": str}
+# what a damaged checkpoint file can raise while it is read (truncated zip or pickle, wrong tensors, wrong keys)
+LOAD_ERRORS = (SafetensorError, RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError)
+
+
+def damaged(path: Path, what: str) -> FinetuneError:
+    """The error for a checkpoint file that cannot be resumed from, naming it and the two ways out."""
+    return FinetuneError(f"checkpoint {path} {what}: pass --restart (restart=True) to train again from the start, "
+                         f"or delete the folder {path.parent}")
+
+
 def read_state(folder: Path) -> dict[str, Any] | None:
+    """The checkpoint's ``state.json``, checked to be resumable; None when the folder holds none."""
     path = folder / "state.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise damaged(path, f"is not valid JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise damaged(path, f"holds a JSON {type(state).__name__}, not an object")
+    missing = [k for k in STATE_KEYS if k not in state]
+    wrong = [k for k, t in STATE_KEYS.items() if k in state and not isinstance(state[k], t)]
+    best = state.get("best")
+    if isinstance(best, dict) and not (isinstance(best.get("epoch"), int)
+                                       and all(isinstance(best.get(k), (int, float)) for k in ("val_accuracy", "val_loss"))):
+        wrong.append("best")
+    wrong += [k for k in ("weights", "optimizer") if k not in wrong and k in state
+              and (Path(state[k]).name != state[k] or state[k] in ("", ".", ".."))]  # a file of this folder only
+    if missing or wrong:
+        raise damaged(path, "is incomplete or damaged (" + "; ".join(
+            ([f"missing {', '.join(missing)}"] if missing else []) + ([f"bad {', '.join(wrong)}"] if wrong else [])) + ")")
+    return state
+
+
+def _check_file(path: Path, expected_sha256: str | None) -> None:
+    if not path.is_file():
+        raise damaged(path, "is missing (named by state.json)")
+    if expected_sha256 and sha256_file(path) != expected_sha256:
+        raise FinetuneError(f"checkpoint {path} does not match its checksum in state.json (damaged?): "
+                            f"delete its folder {path.parent} or pass --restart to train again")
 
 
 def load_net_weights(net: Network, path: Path, expected_sha256: str | None = None) -> None:
-    """Load an epoch's backbone and head weights, refusing a file whose checksum differs."""
-    if expected_sha256 and sha256_file(path) != expected_sha256:
-        raise FinetuneError(f"checkpoint {path} does not match its checksum in state.json (damaged?): "
-                            "delete its folder or pass --restart to train again")
-    tensors = load_file(str(path))
-    net.backbone.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")})
-    net.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    """Load an epoch's backbone and head weights, refusing a missing or damaged file (or one whose checksum differs)."""
+    _check_file(path, expected_sha256)
+    try:
+        tensors = load_file(str(path))
+        net.backbone.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")})
+        net.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    except LOAD_ERRORS as e:
+        raise damaged(path, f"cannot be loaded ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    if scaler is not None and saved.get("scaler"):
-        scaler.load_state_dict(saved["scaler"])
+def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                   expected_sha256: str | None = None) -> None:
+    """Load an epoch's optimiser (and fp16 scaler) state, refusing a missing or damaged file."""
+    _check_file(path, expected_sha256)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+    except LOAD_ERRORS as e:
+        raise damaged(path, f"cannot be loaded ({type(e).__name__}: {str(e)[:200]})") from None

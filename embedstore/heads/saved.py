@@ -29,7 +29,7 @@ import numpy as np
 
 from .._atomic import atomic_write_bytes
 from .._hashing import sha256_bytes
-from ..errors import CollectionError, HeadError
+from ..errors import HeadError
 from ..store import Space
 
 __all__ = ["HEAD_FORMAT", "Head", "HeadError", "load_head", "predict_images", "save_head"]
@@ -247,25 +247,6 @@ def _check_manifest(manifest: Any, mpath: Path) -> None:
         raise HeadError(f"{mpath}: its lineage has dim={lineage['dim']!r}, not a vector size: {fix}")
 
 
-def expand_images(sources: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
-    """(absolute path, shown name) of every image file given, folders searched recursively."""
-    from ..data.collection import discover
-
-    out = []
-    for src in sources:
-        p = Path(src)
-        if p.is_dir():
-            _, items = discover(p)
-            out.extend((it.path, str(p / it.rel)) for it in items)
-        elif p.is_file():
-            out.append((str(p.resolve()), str(src)))
-        else:
-            raise CollectionError(f"{src} does not exist: pass image files or folders of images")
-    if not out:
-        raise CollectionError(f"no image found in {', '.join(map(str, sources))}")
-    return out
-
-
 def predict_images(
     head: str | os.PathLike | Head,
     images: Sequence[str | os.PathLike],
@@ -290,21 +271,20 @@ def predict_images(
     backbone is refused if its weights checksum differs from the head's lineage.
     """
     from ..backbones.load import load_space_backbone
-    from ..data.collection import ImageItem
+    from ..data.collection import expand_images
     from ..embedding.embedder import Embedder, embed_items
 
     h = head if isinstance(head, Head) else load_head(head)
     files = expand_images(images)
     bb = load_space_backbone(h.lineage)  # BackboneError when the weights here differ from the lineage
-    vectors, results = embed_items([ImageItem(p, shown) for p, shown in files], Embedder(bb, device=device),
-                                   batch_size, workers)
+    vectors, results = embed_items(files, Embedder(bb, device=device), batch_size, workers)
     errors = {r.index: f"{r.error}: {r.message}" for r in results if r.error}
     ok = [i for i in range(len(files)) if i not in errors]
     tops = h.top_k(vectors[ok], top_k) if ok else []
     out: list[dict[str, Any]] = [{} for _ in files]
     for i, top in zip(ok, tops):
-        out[i] = {"image": files[i][1], "label": top[0][0], "probability": round(top[0][1], 4),
+        out[i] = {"image": files[i].rel, "label": top[0][0], "probability": round(top[0][1], 4),
                   "top": [{"label": lab, "p": round(p, 4)} for lab, p in top]}
     for i, err in errors.items():
-        out[i] = {"image": files[i][1], "error": err}
+        out[i] = {"image": files[i].rel, "error": err}
     return out

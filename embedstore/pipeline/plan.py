@@ -1,6 +1,6 @@
 """Planning a run: which items of a collection are new or changed for a space, and path rebasing.
 
-Crash safety: reads only (file stats, content hashes of touched files, the main store file).
+Crash safety: reads only (file stats, content hashes of touched files, the store's rows without vectors).
 """
 from __future__ import annotations
 
@@ -9,15 +9,9 @@ import stat
 from pathlib import Path
 from typing import Sequence
 
-import h5py
-import numpy as np
-
 from .._hashing import hash_file
 from ..data.collection import ImageItem
-from ..errors import StoreError
-from ..store import FAILURE_COLUMNS, IMAGE_COLUMNS, Space, Store, failure_keys
-from ..store.integrity import check_rows
-from ..store.format import _decode_attrs, _read_columns
+from ..store import Store, failure_keys, open_store
 
 
 def plan(items: list[ImageItem], store: Store | None, space: str) -> tuple[list[ImageItem], int, int]:
@@ -66,25 +60,11 @@ def rebase_onto(store: Store | None, root: str, items: Sequence[ImageItem]) -> t
 
 
 def plan_view(path: Path) -> Store | None:
-    """The main file of a store without its vectors: enough to plan what a shard still needs.
+    """The store at ``path`` without its vectors (main file plus published journal parts), or None.
 
-    Journal parts of a killed local run are not read; their images are embedded again, which
-    the merge resolves (the later vector of a row wins), so nothing is lost or duplicated.
+    Enough to plan what a run or shard still needs; no ``vectors`` dataset is read.
     """
-    if not path.exists():
-        return None
     try:
-        with h5py.File(path, "r", locking=False) as f:
-            attrs = _decode_attrs(f.attrs)
-            images = _read_columns(f["images"], IMAGE_COLUMNS)
-            fail = _read_columns(f["failures"], FAILURE_COLUMNS)
-            spaces = {}
-            for name, g in f["spaces"].items():
-                rows = g["rows"][()]
-                check_rows(path, f"spaces/{name}", rows, len(images["path"]))
-                spaces[name] = Space(name, _decode_attrs(g.attrs), rows, np.empty((len(rows), 0), np.float16),
-                                     images["path"][rows], images["label"][rows], images["split"][rows])
-    except (OSError, KeyError, ValueError) as e:
-        raise StoreError(f"{path} is not a readable embedstore file ({e}): move it aside or restore it") from e
-    failures = [{c: fail[c][j] for c in FAILURE_COLUMNS} for j in range(len(fail["path"]))]
-    return Store(path, str(attrs.get("root", "")), images, failures, spaces)
+        return open_store(path, vectors=False)
+    except FileNotFoundError:
+        return None

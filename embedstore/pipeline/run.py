@@ -19,15 +19,13 @@ from typing import Any
 
 from .. import DEFAULT_BACKBONE
 from ..backbones.registry import default_space_name
+from ..choices import ENGINES, STORE_DTYPES
 from ..data.collection import MAX_FILE_BYTES, discover
 from ..errors import EmbedOptionError, ShardError
 from ..store import validate_space_name
 from ..utils import timed
 from .shards import check_shard
 from .worker import run_items
-
-STORE_DTYPES = ("float16", "float32")
-ENGINES = ("local", "ray")
 
 
 def embed(

@@ -24,6 +24,7 @@ from typing import Sequence
 import h5py
 
 from .._atomic import fsync_dir
+from ..choices import MAX_SHARDS
 from ..data.collection import ImageItem
 from ..errors import ShardError, StoreError
 from ..store import FAILURE_COLUMNS, IMAGE_COLUMNS, Store, lock_path, write_file
@@ -32,7 +33,6 @@ from .summary import RunSummary
 
 _SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.h5$")
 _PARTIAL_RE = re.compile(r"^partial-(\d{5})-of-(\d{5})\.h5$")
-MAX_SHARDS = 99999
 
 
 def shard_of(rel: str, n: int) -> int:

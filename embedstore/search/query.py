@@ -18,7 +18,7 @@ import numpy as np
 
 from .._vectors import l2_normalize
 from ..choices import DUPLICATES_THRESHOLD
-from ..data.collection import ImageItem, discover, image_extensions
+from ..data.collection import ImageItem, expand_images
 from ..errors import IndexFileError, QueryError, SidecarError
 from ..index.files import LoadedIndex, load_built_index
 from ..index.tune import omp_threads
@@ -32,23 +32,6 @@ DUPLICATES_EXACT_MAX = 20_000  # duplicates without an index: exact k-NN up to t
 
 
 # --------------------------------------------------------------------------- queries
-
-
-def expand_images(images: Sequence[str | os.PathLike]) -> list[str]:
-    """Query image files; a folder stands for every image under it."""
-    out: list[str] = []
-    for p in images:
-        p = str(p)
-        if os.path.isdir(p):
-            out.extend(it.path for it in discover(p)[1])
-        elif os.path.exists(p):
-            out.append(os.path.abspath(p))
-        else:
-            raise FileNotFoundError(f"query image {p} does not exist")
-    if not out:
-        exts = ", ".join(sorted(image_extensions())[:8])
-        raise FileNotFoundError(f"no query images in {', '.join(map(str, images))} (looked for {exts}, ...)")
-    return out
 
 
 def embed_images(space: Space, images: Sequence[str], device: str = "auto",
@@ -241,7 +224,7 @@ def _queries(st: Store, sp: Space, images: Sequence[str] | None, rows: Sequence[
              paths: Sequence[str] | None, vectors: np.ndarray | None,
              device: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
     if images is not None:
-        files = expand_images(images)
+        files = [it.path for it in expand_images(images, what="query image")]
         q, errors = embed_images(sp, files, device=device)
         return q, [{"query": f, "error": e} if e else {"query": f} for f, e in zip(files, errors)]
     if vectors is not None:

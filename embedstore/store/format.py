@@ -16,7 +16,8 @@ Crash safety: :func:`write_file` builds the whole HDF5 image in memory and publi
 ``_atomic.atomic_write_bytes`` (temporary file beside the target, fsync, ``os.replace``, fsync of the
 folder), so a file is either absent, the old one, or the complete new one; a killed writer leaves
 at most a ``.NAME.tmp-PID`` file, never read. Reading opens files read-only and refuses a damaged
-file whole (``integrity.check_file``) with a ``StoreError`` naming it and the fix.
+file whole (``integrity.check_file``) with a ``StoreError`` naming it and the fix; a rows-only read
+(for planning) runs every check but the vector scan, which every read with vectors still runs.
 """
 from __future__ import annotations
 
@@ -123,7 +124,13 @@ def _unreadable(path: Path, e: Exception) -> Exception:
     )
 
 
-def _read_file(path: Path) -> _FileData:
+def _read_file(path: Path, vectors: bool = True) -> _FileData:
+    """One store file, checked whole (``integrity.check_file``).
+
+    ``vectors=False``: a rows-only read for planning. The ``vectors`` datasets are not read (only
+    their shape and type, from the HDF5 header), so every check but the NaN/Inf/zero scan still
+    runs; each space's vectors come back as an empty ``(n, 0)`` array of the stored dtype.
+    """
     try:
         with h5py.File(path, "r", locking=False) as f:
             attrs = _decode_attrs(f.attrs)
@@ -138,8 +145,12 @@ def _read_file(path: Path) -> _FileData:
                 if missing:
                     raise StoreError(f"{path}: spaces/{name} has no {' or '.join(missing)} dataset; the file is "
                                      "damaged: restore it from a backup, or move it aside and run `embedstore embed` again")
-                spaces[name] = (_decode_attrs(g.attrs), g["rows"][()], g["vectors"][()])
-        check_file(path, attrs, images, failures, spaces)
+                spaces[name] = (_decode_attrs(g.attrs), g["rows"][()], g["vectors"][()] if vectors else g["vectors"])
+            if not vectors:  # checked against the datasets' headers while the file is open
+                check_file(path, attrs, images, failures, spaces, scan_vectors=False)
+                spaces = {n: (a, r, np.empty((len(v), 0), v.dtype)) for n, (a, r, v) in spaces.items()}
+        if vectors:
+            check_file(path, attrs, images, failures, spaces)
     except (FileNotFoundError, StoreError):
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:

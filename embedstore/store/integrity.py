@@ -72,8 +72,12 @@ def check_rows(path: Path, where: str, rows: np.ndarray, n_images: int) -> None:
 
 
 def check_file(path: Path, attrs: dict[str, Any], images: dict[str, np.ndarray], failures: dict[str, np.ndarray],
-               spaces: dict[str, tuple[dict[str, Any], np.ndarray, np.ndarray]]) -> None:
-    """Refuse a store file (main file or journal part) whose datasets contradict each other."""
+               spaces: dict[str, tuple[dict[str, Any], np.ndarray, Any]], scan_vectors: bool = True) -> None:
+    """Refuse a store file (main file or journal part) whose datasets contradict each other.
+
+    A space's vectors may be an array or an open ``h5py.Dataset`` (shape and type only, for a
+    rows-only read with ``scan_vectors=False``: the NaN/Inf/zero scan is then left to readers).
+    """
     def damaged(what: str) -> StoreError:
         return StoreError(f"{path}: {what}; {_FIX}")
 
@@ -97,7 +101,7 @@ def check_file(path: Path, attrs: dict[str, Any], images: dict[str, np.ndarray],
         dim = sattrs.get("dim")
         if dim is not None and dim != vectors.shape[1]:
             raise damaged(f"{where} has attribute dim={dim!r} but its vectors have {vectors.shape[1]} columns")
-        bad = sorted(vector_problems(vectors))
+        bad = sorted(vector_problems(vectors)) if scan_vectors else []
         if bad:
             raise StoreError(
                 f"{path}: {where}/vectors has {len(bad)} vector(s) with NaN/Inf values or all zeros (e.g. row "

@@ -114,15 +114,18 @@ class Store:
         }
 
 
-def open_store(path: str | os.PathLike, retries: int = 5) -> Store:
+def open_store(path: str | os.PathLike, retries: int = 5, *, vectors: bool = True) -> Store:
     """Open a store for reading: the main file plus any published journal parts.
 
     Raises ``FileNotFoundError`` when there is no store and ``StoreError`` when it is unreadable.
+    ``vectors=False``: a rows-only view for planning (attributes, images, failures, each space's
+    attrs and rows; every check but the vector scan), reading no ``vectors`` dataset: its spaces'
+    ``vectors`` are empty ``(n, 0)`` arrays of the stored dtype, so ``Space.dim`` is 0 there.
     """
     path = Path(path)
     for attempt in range(retries):
         try:
-            return _read_snapshot(path)
+            return _read_snapshot(path, vectors)
         except FileNotFoundError:
             # a writer folded the journal into the main file while we read it: read again
             if attempt == retries - 1 or not (path.exists() or journal_dir(path).exists()):
@@ -131,18 +134,18 @@ def open_store(path: str | os.PathLike, retries: int = 5) -> Store:
     raise AssertionError("unreachable")
 
 
-def _read_snapshot(path: Path) -> Store:
+def _read_snapshot(path: Path, vectors: bool = True) -> Store:
     if not path.exists() and not journal_dir(path).exists():
         raise FileNotFoundError(
             f"no store at {path}: create one with `embedstore embed FOLDER --store {path}`"
         )
     state = _State()
     if path.exists():
-        state.apply(_read_file(path), seq=0)
+        state.apply(_read_file(path, vectors), seq=0)
     base_seq = state.journal_seq
     parts = [(s, p) for s, p in list_parts(path) if s > base_seq]
     for seq, part in parts:
-        state.apply(_read_file(part), seq=seq)
+        state.apply(_read_file(part, vectors), seq=seq)
     return state.to_store(path, journal_parts=len(parts))
 
 

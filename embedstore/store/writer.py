@@ -127,10 +127,13 @@ class StoreWriter:
             return 0
         return journal_seq(self.path, _read_attrs(self.path))
 
-    def snapshot(self) -> Store | None:
-        """The current content (main file plus journal), or None for a new store."""
+    def snapshot(self, *, vectors: bool = True) -> Store | None:
+        """The current content (main file plus journal), or None for a new store.
+
+        ``vectors=False``: the rows-only view that planning needs (see ``open_store``).
+        """
         try:
-            return open_store(self.path)
+            return open_store(self.path, vectors=vectors)
         except FileNotFoundError:
             return None
 
