@@ -6,23 +6,13 @@ import os
 import random
 from pathlib import Path
 
-import click
 import pytest
 from click.testing import CliRunner
 
 from embedstore.heads import MODELS, best_result, classify
-from embedstore_cli.classify_commands import register
+from embedstore_cli.main import main
 
 TIED = ["centroid", "knn", "logreg"]  # on the tiny store all three score 1.0 on every measure
-
-
-def cli() -> click.Group:
-    @click.group()
-    def group() -> None:
-        pass
-
-    register(group)
-    return group
 
 
 def test_best_result_breaks_ties_by_the_documented_order_never_by_timings(tiny_store: Path) -> None:
@@ -47,7 +37,7 @@ def test_classify_and_report_name_the_same_best_head_on_a_tie(tiny_store: Path, 
     """F12: the CLI's best, the library's best and the report's best are one rule's choice."""
     from embedstore.report import write_report
 
-    res = CliRunner().invoke(cli(), ["classify", str(tiny_store), "--models", ",".join(TIED), "--json", "--no-confusion"])
+    res = CliRunner().invoke(main, ["classify", str(tiny_store), "--models", ",".join(TIED), "--json", "--no-confusion"])
     assert res.exit_code == 0, res.output
     cli_best = json.loads(res.output)["best"]
     library = classify(str(tiny_store), models=["logreg", "knn", "centroid"])  # another order, another run
@@ -57,7 +47,7 @@ def test_classify_and_report_name_the_same_best_head_on_a_tie(tiny_store: Path, 
 
 
 def test_negative_seed_is_a_usage_error_naming_the_option(tiny_store: Path) -> None:
-    res = CliRunner().invoke(cli(), ["classify", str(tiny_store), "--seed", "-1"])
+    res = CliRunner().invoke(main, ["classify", str(tiny_store), "--seed", "-1"])
     assert res.exit_code == 2 and "--seed" in res.output and "Traceback" not in res.output
 
 
@@ -72,7 +62,7 @@ def test_confusion_picture_goes_beside_the_store_not_into_the_working_folder(
     relative = os.path.relpath(tiny_store, elsewhere)
     assert relative.startswith("..")
     before = set(tiny_store.parent.iterdir())
-    res = CliRunner().invoke(cli(), ["classify", relative, "--models", "knn"])
+    res = CliRunner().invoke(main, ["classify", relative, "--models", "knn"])
     assert res.exit_code == 0, res.output
     assert list(elsewhere.iterdir()) == []
     made = set(tiny_store.parent.iterdir()) - before

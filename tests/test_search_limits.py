@@ -18,17 +18,12 @@ from embedstore.errors import QueryError
 from embedstore.index import index_files, load_index
 from embedstore.search import DUPLICATES_THRESHOLD, duplicates, search
 from embedstore.store import open_store
-from embedstore_cli.search_commands import register
+from embedstore_cli.main import main
 
 
 @pytest.fixture
 def cli() -> click.Group:
-    @click.group()
-    def group() -> None:
-        """embedstore, as the tests wire it."""
-
-    register(group)
-    return group
+    return main
 
 
 def rows_of(hits: list[dict]) -> list[int]:

@@ -1,8 +1,6 @@
 """Writer stage: journal parts, atomic consolidation, locking, merging rules, clear errors."""
 from __future__ import annotations
 
-import contextlib
-import subprocess
 from pathlib import Path
 
 import h5py
@@ -19,6 +17,7 @@ from embedstore.store import (
     open_store,
     write_file,
 )
+from support.mounts import tmpfs
 
 ATTRS = {"backbone": "toy", "weights_sha256": "abc", "dim": 4, "dtype": "float16"}
 
@@ -199,25 +198,13 @@ def test_a_space_with_an_unknown_dtype_is_a_store_error(tmp_path: Path) -> None:
     assert not store.exists() and not list_parts(store)
 
 
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size: str):
-    path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def test_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
     """write_file publishes whole files only: on ENOSPC a StoreError names the file, the old one stays."""
     n = 4
     images = {"path": [f"{i}.png" for i in range(n)], "label": ["a"] * n, "split": ["train"] * n,
               "size": [1] * n, "hash": ["h"] * n, "mtime": [0.0] * n}
     no_failures = {c: [] for c in FAILURE_COLUMNS}
-    with small_tmpfs(tmp_path / "disk", "256k") as disk:
+    with tmpfs(tmp_path / "disk", "256k") as disk:
         path = disk / "s.h5"
         small = np.ones((n, 4), np.float16)
         write_file(path, {"root": ""}, images, {"toy": (ATTRS, np.arange(n), small)}, no_failures)

@@ -1,7 +1,6 @@
 """Damaged stores are refused at open with one line naming the file and dataset; bad vectors are never stored."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -14,23 +13,18 @@ import embedstore
 from embedstore.errors import StoreError
 from embedstore.store import Batch, StoreWriter, open_store
 from embedstore_cli.main import main
-from imagegen import TINY_BACKBONE, make_collection
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("pristine")
-    src = make_collection(folder / "images")
-    store = folder / "photos.h5"
-    embedstore.embed(src, store, backbone=TINY_BACKBONE, weights="random", workers=0, progress=False)
-    return store
 
 
 @pytest.fixture
-def store(pristine: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "photos.h5"
-    shutil.copyfile(pristine, copy)
-    return copy
+def pristine(session_tiny_store: tuple[Path, Path]) -> Path:
+    """The session's tiny store, read only."""
+    return session_tiny_store[1]
+
+
+@pytest.fixture
+def store(tiny_store: Path) -> Path:
+    """This test's own copy, to damage."""
+    return tiny_store
 
 
 def _replace(group: h5py.Group, name: str, data: np.ndarray) -> None:

@@ -1,7 +1,6 @@
 """Disk full, read-only folders, files changing under a run: clear errors, nothing lost."""
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import time
@@ -13,20 +12,9 @@ import embedstore
 from embedstore.store import list_parts
 from faultkit import compare_stores, embed_cmd
 from imagegen import draw_image, make_collection
+from support.mounts import tmpfs
 
 pytestmark = pytest.mark.slow  # real runs against a full, read-only or changing disk: python -m pytest -m slow
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str):
-    path.mkdir(parents=True, exist_ok=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_disk_full_is_a_clear_error_and_the_run_resumes(tmp_path: Path):
