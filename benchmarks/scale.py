@@ -1,224 +1,344 @@
-"""Scale-out overhead: the local engine vs the Ray engine on the same files, and the 100M-image plan.
+"""Issue 17: what each command costs as the store grows, beside the raw work it has to do.
 
-On one machine (a local Ray instance with all its cores), in one process, each from a fresh store:
-  local          ``embedstore.embed(..., engine="local")``
-  ray 1x{C}cpu   one Ray worker actor with all C cores, ``--shards`` shards
-  ray {C}x1cpu   C worker actors with one core each
-  reruns         the same command again (nothing new: planning, skipping, merging only)
-Checks that every Ray store holds the local store's rows and vectors, then prints a Markdown table
-(wall seconds, images/s, overhead ratio vs local) and the 100M-image plan computed from the
-measured per-worker throughput and the measured bytes per image of the store.
+For synthetic 512-d float16 stores of N vectors (``--sizes 1M,10M,30M``; default 1M), written part by
+part in clip-retrieval's layout and then imported (``scale_data.py``: clustered vectors, 10k rows
+labelled with 10 classes and a train/val split, the rest unlabelled), runs each command as its own
+cold process (a fresh interpreter; the OS page cache is left warm) and measures its wall time and
+peak RSS from the OS (``os.wait4`` -> ``ru_maxrss``: the process and its waited-for children):
 
-    python benchmarks/scale.py                                   # ../shared/datasets/hymenoptera
-    python benchmarks/scale.py --data ../shared/datasets/imagenette/val --limit 2000
-    python benchmarks/scale.py --gpu-ips 2500                    # plan rows for a measured GPU rate
+    write       the store from the layout (import_vectors when it exists, else commit_arrays); once
+    info        embedstore info STORE --json
+    index       embedstore index STORE --memory 8G --json; once per size (it is the build); its recall@10
+    search      embedstore search STORE --row 42 --json, cold, with the index built
+    classify    embedstore classify STORE --models logreg --no-confusion --json (the 10k labelled rows)
+    merge       embedstore merge TARGET HALF_A HALF_B --keep --json (the halves written as two stores)
+    duplicates  embedstore duplicates STORE --json; at sizes up to --duplicates-max (1M); once
+
+each repeated ``--repeats`` times (median), interleaved with its baseline from ``scale_raw.py``: the
+minimal raw operation on the same files (h5py + faiss + sklearn), so the table shows embedstore's
+overhead over the work itself. Writes JSON (machine from lscpu; per size and command: median wall,
+peak RSS, every run, failures) and prints a Markdown table (rows = commands, columns = sizes, cells
+"wall s / RSS GiB") with each command's growth between sizes. A command that fails (error, out of
+memory, over ``--timeout``) is recorded as such and the run goes on. Synthetic data lives under
+``--work`` and is deleted afterwards unless ``--keep``.
+
+    python benchmarks/scale.py                                  # 1M
+    python benchmarks/scale.py --sizes 1M,10M,30M --repeats 3
+    python benchmarks/scale.py --code /tmp/before --out benchmarks/results/scale_before.json
+    python benchmarks/scale.py engines ...                      # the local-vs-Ray benchmark (scale_engines.py)
+
+``--code DIR`` puts another checkout first on PYTHONPATH for every measured process (``git archive
+HEAD embedstore cli | tar -x -C DIR && ln -s cli DIR/embedstore_cli``): "before" figures.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
+import shutil
+import signal
+import statistics
+import subprocess
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
+from scale_data import parse_size, size_name  # noqa: E402
+from scale_report import COMMANDS, render  # noqa: E402
+
+GIB = 1024 ** 3
 
 
-def subset_csv(data: Path, limit: int | None, folder: Path) -> Path:
-    """A CSV list of the first ``limit`` images (all when None), labels and splits kept."""
-    from embedstore.data import discover
-
-    _, items = discover(data)
-    if limit:
-        items = items[:: max(1, len(items) // limit)][:limit]
-    out = folder / "list.csv"
-    with open(out, "w", newline="") as f:
-        w = csv.writer(f)
-        for it in items:
-            w.writerow([it.path, it.label, it.split])
+def machine() -> dict[str, Any]:
+    """CPU model (lscpu), cores, RAM, load, library versions."""
+    out: dict[str, Any] = {"cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
+                           "python": platform.python_version()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        out["cpu"] = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "")
+    except (OSError, subprocess.CalledProcessError):
+        out["cpu"] = platform.processor() or platform.machine()
+    with open("/proc/meminfo") as f:
+        mem = dict(ln.split(":", 1) for ln in f)
+    out["ram_gib"] = round(int(mem["MemTotal"].split()[0]) * 1024 / GIB, 1)
+    out["load_avg_start"] = [round(x, 2) for x in os.getloadavg()]
+    for mod in ("faiss", "h5py", "numpy", "sklearn"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
     return out
 
 
-def compare(a: Path, b: Path) -> dict[str, Any]:
-    """Rows and vectors of store b against store a."""
-    from embedstore import open_store
-
-    sa, sb = open_store(a).space(), open_store(b).space()
-    va = dict(zip(sa.paths, sa.vectors.astype(np.float32)))
-    vb = dict(zip(sb.paths, sb.vectors.astype(np.float32)))
-    same = set(va) == set(vb) and len(sb) == len(set(sb.paths))
-    diff = max(float(np.abs(va[p] - vb[p]).max()) for p in va) if same else float("nan")
-    cos = [float(va[p] @ vb[p] / (np.linalg.norm(va[p]) * np.linalg.norm(vb[p]) + 1e-12)) for p in va] if same else [0]
-    return {"same_rows": same, "rows": len(sb), "max_abs_diff": diff, "min_cosine": min(cos)}
-
-
-def decode_rate(source: Path, backbone: str) -> tuple[float, float]:
-    """(images/s that one core reads, decodes and transforms, no model; mean file bytes)."""
-    from embedstore import discover, load_backbone
-    from embedstore.data import ImageReader, draft_size
-
-    bb = load_backbone(backbone)
-    _, items = discover(source)
-    reader = ImageReader(items, bb.eval_transform(), draft_size(bb.data_config))
-    t0 = time.perf_counter()
-    size = sum(reader[i].size for i in range(len(reader)))
-    return len(reader) / (time.perf_counter() - t0), size / max(1, len(reader))
-
-
-def plan(n_images: float, per_worker_ips: float, workers: int, bytes_per_image: float, dim: int,
-         fixed_s: float, file_bytes: float) -> dict[str, Any]:
-    """Wall time, storage and input bandwidth for ``n_images`` on ``workers`` workers."""
-    hours = (n_images / (per_worker_ips * workers) + fixed_s) / 3600
-    return {"workers": workers, "per_worker_ips": per_worker_ips, "hours": hours,
-            "store_gb": n_images * bytes_per_image / 1e9, "dim": dim,
-            "read_gb_per_s": per_worker_ips * workers * file_bytes / 1e9, "input_tb": n_images * file_bytes / 1e12}
-
-
-def index_plan(n_images: float, dim: int) -> list[dict[str, Any]]:
-    """Index sizes for n_images vectors (bytes; ids are 8 bytes each)."""
-    nlist = 65536
-    rows = []
-    for name, code in (("IVF65536,Flat (float32)", 4 * dim), ("IVF65536,SQfp16", 2 * dim),
-                       ("PCAR256,IVF65536,PQ64", 64), ("PCAR256,IVF65536,PQ32", 32)):
-        quant_dim = 256 if name.startswith("PCAR256") else dim
-        rows.append({"index": name, "ivfdata_gb": n_images * (code + 8) / 1e9,
-                     "ram_gb": (nlist * quant_dim * 4 + (dim * 256 * 4 if quant_dim != dim else 0)) / 1e9,
-                     "train_sample": 39 * nlist,
-                     "train_ram_gb": 39 * nlist * dim * 4 / 1e9})
-    return rows
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--limit", type=int, default=None, help="Use a subset of this many images.")
-    ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2, help="Fresh runs per engine (median reported).")
-    ap.add_argument("--gpu-ips", type=float, default=None,
-                    help="Per-GPU images/s to plan with (measure it: embedstore embed --device cuda on one GPU). "
-                         "Default: the measured decode rate per core x --cores-per-gpu (decode-bound GPU worker).")
-    ap.add_argument("--cores-per-gpu", type=int, default=16, help="Decode cores next to each GPU worker.")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
-    args = ap.parse_args()
-    if not args.data.is_dir():
-        sys.exit(f"{args.data} is absent: pass --data FOLDER")
-    import ray
-
-    import embedstore
-
-    cores = len(os.sched_getaffinity(0))
-    common = dict(backbone=args.backbone, batch_size=args.batch_size, progress=False)
-    runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="scale-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        source = subset_csv(args.data, args.limit, tmp) if args.limit else args.data
-
-        def run(name: str, store: Path, **kw: Any) -> dict[str, Any]:
-            t0 = time.perf_counter()
-            out = embedstore.embed(source, store, **common, **kw)
-            wall = time.perf_counter() - t0
-            row = {"run": name, "wall_s": round(wall, 2), "embedded": out["embedded"], "failed": out["failed"],
-                   "images": out["images"], "images_per_s_wall": round((out["embedded"] + out["failed"]) / wall, 2),
-                   "summary": out}
-            runs.append(row)
-            print(f"{name:<22} {wall:7.1f}s  {row['images_per_s_wall']:7.2f} img/s", flush=True)
-            return out
-
-        embedstore.load_backbone(args.backbone)  # warm the file cache: no run pays the first read
-        decode_ips, file_bytes = decode_rate(source, args.backbone)
-        print(f"decode, 1 core          {decode_ips:7.1f} img/s", flush=True)
+def measure(cmd: list[str], env: dict[str, str], out_file: Path, timeout: float) -> dict[str, Any]:
+    """Run ``cmd`` as a fresh process; wall seconds, peak RSS (KiB, the OS's) and exit status."""
+    with open(out_file, "wb") as out, open(out_file.with_suffix(".err"), "wb") as err:
         t0 = time.perf_counter()
-        ray.init(num_cpus=cores, include_dashboard=False, logging_level="WARNING")
-        ray_init = time.perf_counter() - t0
-        print(f"ray.init                {ray_init:7.1f}s", flush=True)
-        local, one, many = tmp / "local.h5", tmp / "ray-1.h5", tmp / "ray-n.h5"
-        for k in range(args.repeats):  # interleaved, so load from other processes hits all alike
-            for p in (local, one, many):
-                p.unlink(missing_ok=True)
-            run("local", local)
-            run(f"ray 1x{cores}cpu", one, engine="ray", shards=args.shards, cpus_per_worker=cores)
-            run(f"ray {cores}x1cpu", many, engine="ray", shards=args.shards, cpus_per_worker=1)
-        run("local rerun", local)
-        run(f"ray 1x{cores}cpu rerun", one, engine="ray", shards=args.shards, cpus_per_worker=cores)
-        ray.shutdown()
-        checks = {"ray-1": compare(local, one), f"ray-{cores}": compare(local, many)}
-        local_store = embedstore.open_store(local)
-        bytes_per_image = local.stat().st_size / max(1, local_store.n_images)
-        dim = local_store.space().dim
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
+        killed = threading.Event()
 
-    names = list(dict.fromkeys(r["run"] for r in runs))
-    table = []
-    for name in names:
-        mine = [r for r in runs if r["run"] == name]
-        wall = float(np.median([r["wall_s"] for r in mine]))
-        table.append({"run": name, "repeats": len(mine), "wall_s": wall, "walls": [r["wall_s"] for r in mine],
-                      "embedded": mine[0]["embedded"], "images_per_s_wall": (mine[0]["embedded"] + mine[0]["failed"]) / wall,
-                      "stages": mine[-1]["summary"]["stages"]})
-    base = table[0]["wall_s"]
-    for t in table:
-        t["overhead_vs_local"] = round(t["wall_s"] / base, 2) if "rerun" not in t["run"] else None
-    ray1 = [r["summary"] for r in runs if r["run"] == f"ray 1x{cores}cpu"]
-    shard_ips = [s["images_per_s"] for out in ray1 for s in out["per_shard"] if s["images_per_s"]]
-    per_worker = float(np.median(shard_ips))  # steady state inside a worker (model loaded)
-    # startup + scheduling + merge: what a Ray run costs beyond its workers' steady embedding
-    fixed = float(np.median([o["seconds"] - (o["embedded"] + o["failed"]) / per_worker for o in ray1]))
-    plans = [plan(100e6, per_worker, n, bytes_per_image, dim, fixed, file_bytes) for n in (1, 64, 512)]
-    gpu_ips = args.gpu_ips or decode_ips * args.cores_per_gpu
-    plans += [plan(100e6, gpu_ips, n, bytes_per_image, dim, fixed, file_bytes) | {"gpu": True}
-              for n in (8, 64, 256)]
-    result = {
-        "machine": {"cores": cores, "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                    "ray": ray.__version__, "torch": __import__("torch").__version__},
-        "data": str(args.data), "limit": args.limit, "backbone": args.backbone, "shards": args.shards,
-        "ray_init_s": round(ray_init, 2), "table": table, "runs": runs, "checks": checks,
-        "per_worker_ips": round(per_worker, 2), "decode_ips_per_core": round(decode_ips, 1),
-        "mean_file_bytes": round(file_bytes),
-        "gpu_ips": round(gpu_ips, 1), "gpu_ips_source": "--gpu-ips" if args.gpu_ips else
-        f"decode rate per core x {args.cores_per_gpu} cores (model assumed faster than decode on a GPU)", "fixed_overhead_s": round(fixed, 1),
-        "bytes_per_image": round(bytes_per_image, 1), "dim": dim,
-        "plan_100m": plans, "index_100m": index_plan(100e6, dim),
+        def kill() -> None:
+            killed.set()
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        _, status, usage = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        timer.cancel()
+        p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen not to wait again
+    run: dict[str, Any] = {"wall_s": round(wall, 3), "rss_kib": int(usage.ru_maxrss), "rc": p.returncode,
+                           "load_1m_after": round(os.getloadavg()[0], 2)}
+    if killed.is_set():
+        run["error"] = f"timeout after {timeout:.0f}s"
+    elif p.returncode != 0:
+        tail = out_file.with_suffix(".err").read_text(errors="replace").strip().splitlines()[-3:]
+        why = "killed by signal %d (out of memory?)" % -p.returncode if p.returncode < 0 else f"exit {p.returncode}"
+        run["error"] = f"{why}: {' | '.join(tail)[-600:]}"
+    return run
+
+
+def parse_json(path: Path) -> Any:
+    """The JSON object a command printed (None when absent, unreadable or over 200 MB)."""
+    try:
+        if path.stat().st_size > 200e6:
+            return None
+        text = path.read_text()
+        return json.loads(text[text.index("{"):]) if "{" in text else None
+    except (OSError, ValueError):
+        return None
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in runs if "error" not in r]
+    out: dict[str, Any] = {"runs": runs, "ok": len(ok) == len(runs) and bool(runs)}
+    if ok:
+        out["wall_s"] = round(statistics.median(r["wall_s"] for r in ok), 3)
+        out["rss_gib"] = round(statistics.median(r["rss_kib"] for r in ok) * 1024 / GIB, 3)
+        out["rss_gib_max"] = round(max(r["rss_kib"] for r in ok) * 1024 / GIB, 3)
+    if len(ok) < len(runs):
+        out["error"] = next(r["error"] for r in runs if "error" in r)
+    return out
+
+
+def extract(cmd: str, data: Any) -> dict[str, Any]:
+    """The few fields of a command's JSON output worth keeping."""
+    if not isinstance(data, dict):
+        return {}
+    if cmd == "index":
+        return {k: data.get(k) for k in ("kind", "factory", "params", "rows", "recall_at_10", "recall_queries",
+                                          "latency_p50_ms", "stages", "bytes", "mode") if k in data}
+    if cmd == "search":
+        res = data.get("results") or [[]]
+        return {"hits": [h.get("row") for h in res[0]], "exact": data.get("exact")}
+    if cmd == "classify":
+        best = data.get("best") or {}
+        return {"model": best.get("model"), "accuracy": best.get("accuracy"), "evaluation": data.get("evaluation")}
+    if cmd == "duplicates":
+        return {"groups": len(data.get("groups") or []), **{k: v for k, v in data.items() if k != "groups"
+                                                             and not isinstance(v, (list, dict))}}
+    if cmd in ("write", "merge"):
+        return {k: v for k, v in data.items() if not isinstance(v, (list, dict))}
+    return {}
+
+
+def free_gb(folder: Path) -> float:
+    return shutil.disk_usage(folder).free / 1e9
+
+
+def run_size(n: int, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    """Every command at one size; the data is written first and removed afterwards unless --keep."""
+    name = size_name(n)
+    work = args.work / name
+    py, es = sys.executable, shutil.which("embedstore") or "embedstore"
+    data, raw = str(HERE / "scale_data.py"), str(HERE / "scale_raw.py")
+    layout, half_a, half_b = work / "layout", work / "half_a", work / "half_b"
+    store, store_a, store_b, target = work / "s.h5", work / "a.h5", work / "b.h5", work / "merged.h5"
+    images_root = work / "images"
+    result: dict[str, Any] = {"n": n, "commands": {}}
+    need = n * 512 * 2 * 7 / 1e9  # layout, store, halves, raw write, merge target, raw merge, index ~ 7x the vectors
+    result["disk_free_gb_before"] = round(free_gb(args.work), 1)
+    if free_gb(args.work) < need + 5:
+        result["error"] = f"needs about {need:.0f} GB free under {args.work}, has {free_gb(args.work):.0f} GB"
+        print(f"{name}: skipped ({result['error']})", flush=True)
+        return result
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    cmds = result["commands"]
+
+    def one(cmd: str, side: str, argv: list[str], repeats: int, before: Any = None) -> dict[str, Any]:
+        runs = []
+        for k in range(repeats):
+            if before:
+                before()
+            out_file = work / f"{cmd}.{side}.{k}.out"
+            r = measure(argv, env, out_file, args.timeout)
+            parsed = parse_json(out_file)
+            if k == 0:
+                r["output"] = extract(cmd, parsed) if side == "embedstore" else parsed
+            runs.append(r)
+            status = r.get("error", "ok")
+            print(f"  {name:>5} {cmd:<10} {side:<10} {r['wall_s']:8.2f} s {r['rss_kib'] / 2**20:6.2f} GiB  {status[:160]}",
+                  flush=True)
+            if "error" in r:
+                break  # a failure repeats; go on with the next command
+        entry = cmds.setdefault(cmd, {})
+        entry[side] = summarise(runs)
+        return entry[side]
+
+    def wanted(cmd: str) -> bool:
+        return cmd in args.commands
+
+    t0 = time.perf_counter()
+    lay = measure([py, data, "layout", str(layout), "--rows", str(n), "--part-rows", str(args.part_rows)], env,
+                  work / "layout.out", args.timeout)
+    result["layout"] = lay
+    print(f"  {name:>5} {'layout':<10} {'generate':<10} {lay['wall_s']:8.2f} s {lay['rss_kib'] / 2**20:6.2f} GiB", flush=True)
+    if "error" in lay:
+        result["error"] = lay["error"]
+        return result
+    from scale_data import halves
+
+    halves(layout, half_a, half_b)
+    one("write", "embedstore", [py, data, "write", str(layout), str(store), "--root", str(images_root)], 1)
+    if wanted("write"):
+        one("write", "raw", [py, raw, "write", str(layout), str(work / "raw_write.h5")], 1)
+        (work / "raw_write.h5").unlink(missing_ok=True)
+    if not cmds["write"]["embedstore"]["ok"]:
+        result["error"] = "the store could not be written: " + cmds["write"]["embedstore"].get("error", "")
+        return result
+    result["store_bytes"] = store.stat().st_size
+    if wanted("merge"):
+        for lay_dir, st in ((half_a, store_a), (half_b, store_b)):
+            r = measure([py, data, "write", str(lay_dir), str(st), "--root", str(images_root)], env,
+                        work / f"{st.stem}.write.out", args.timeout)
+            result.setdefault("write_halves", []).append(r)
+    if not args.keep:
+        shutil.rmtree(layout, ignore_errors=True)
+        shutil.rmtree(half_a, ignore_errors=True)
+        shutil.rmtree(half_b, ignore_errors=True)
+
+    if wanted("index"):
+        idx = one("index", "embedstore", [es, "index", str(store), "--memory", args.memory, "--json"], 1)
+        out = (idx["runs"][0].get("output") or {})
+        result["recall_at_10"] = out.get("recall_at_10")
+        result["index_factory"] = out.get("factory")
+        if out.get("factory") and not args.no_raw_index:
+            one("index", "raw", [py, raw, "index", str(store), str(work / "raw.faiss"), "--factory", out["factory"]], 1)
+            (work / "raw.faiss").unlink(missing_ok=True)
+
+    def drop_target() -> None:
+        for p in [*work.glob(f"{target.name}*"), work / "raw_merged.h5"]:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+    plan = [("info", [es, "info", str(store), "--json"], [py, raw, "info", str(store)], None),
+            ("search", [es, "search", str(store), "--row", "42", "--json"], [py, raw, "search", str(store)], None),
+            ("classify", [es, "classify", str(store), "--models", "logreg", "--no-confusion", "--json"],
+             [py, raw, "classify", str(store)], None),
+            ("merge", [es, "merge", str(target), str(store_a), str(store_b), "--keep", "--json"],
+             [py, raw, "merge", str(store_a), str(store_b), str(work / "raw_merged.h5")], drop_target)]
+    for cmd, mine, base, before in plan:
+        if not wanted(cmd) or (cmd == "merge" and not (store_a.exists() and store_b.exists())):
+            continue
+        if cmd == "search" and "index" in cmds and not cmds["index"]["embedstore"]["ok"]:
+            print(f"  {name:>5} search: no index was built; searching exactly", flush=True)
+        for k in range(args.repeats):  # interleaved, so machine load hits both sides alike
+            for side, argv in (("embedstore", mine), ("raw", base)):
+                prev = cmds.get(cmd, {}).get(side)
+                if prev and not prev["ok"]:
+                    continue
+                got = one(cmd, side, argv, 1, before)
+                if prev:  # fold this run into the earlier ones
+                    cmds[cmd][side] = summarise(prev["runs"] + got["runs"])
+        drop_target()
+    found = [(cmds.get("search", {}).get(side) or {}).get("runs", [{}])[0].get("output") or {}
+             for side in ("embedstore", "raw")]
+    if found[0].get("hits") and found[1].get("hits"):  # the same index, so the same rows
+        result["search_same_hits_as_raw"] = found[0]["hits"] == found[1]["hits"]
+    if wanted("duplicates") and n <= args.duplicates_max:
+        if (Path(f"{store}.index")).exists():
+            one("duplicates", "embedstore", [es, "duplicates", str(store), "--json"], args.duplicates_repeats)
+            q = args.raw_duplicates_queries
+            base = one("duplicates", "raw", [py, raw, "duplicates", str(store)] + (["--queries", str(q)] if q < n else []),
+                       args.duplicates_repeats)
+            out = base["runs"][0].get("output") or {}
+            if "wall_s" in base and out.get("queries", n) < n:  # measured on q queries: scale the search to all n
+                base["measured_wall_s"] = base["wall_s"]
+                base["wall_s"] = round(base["wall_s"] + out["search_s"] * (n / out["queries"] - 1), 3)
+                base["extrapolated"] = f"search time of {out['queries']} queries scaled to {n} (RSS as measured)"
+        else:
+            cmds["duplicates"] = {"embedstore": {"ok": False, "runs": [], "error": "no index was built"}}
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["disk_free_gb_after"] = round(free_gb(args.work), 1)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["engines"]:
+        from scale_engines import main as engines
+
+        return engines(argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1M", help="Comma list of store sizes: 1M,10M,30M (k and M suffixes).")
+    ap.add_argument("--repeats", type=int, default=3, help="Cold runs per command (median reported).")
+    ap.add_argument("--duplicates-max", type=parse_size, default=parse_size("1M"), help="Run duplicates up to this size.")
+    ap.add_argument("--duplicates-repeats", type=int, default=1, help="Runs of duplicates (it is the slowest).")
+    ap.add_argument("--raw-duplicates-queries", type=parse_size, default=parse_size("100k"),
+                    help="The raw duplicates baseline searches this many rows and scales its time up to all rows.")
+    ap.add_argument("--commands", default=",".join(COMMANDS), help="Comma list of the commands to measure.")
+    ap.add_argument("--memory", default="8G", help="embedstore index --memory.")
+    ap.add_argument("--no-raw-index", action="store_true", help="Skip the raw faiss build beside embedstore index.")
+    ap.add_argument("--timeout", type=float, default=1800, help="Seconds before a command is killed (and recorded).")
+    ap.add_argument("--part-rows", type=int, default=100_000, help="Rows per img_emb_<i>.npy part.")
+    ap.add_argument("--work", type=Path, default=Path("/work/scratch/scale"), help="Folder for the synthetic data.")
+    ap.add_argument("--code", type=Path, default=None, help="A checkout to put first on PYTHONPATH (before figures).")
+    ap.add_argument("--keep", action="store_true", help="Keep the synthetic stores and layouts.")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
+    args = ap.parse_args(argv)
+    args.commands = [c.strip() for c in args.commands.split(",") if c.strip()]
+    unknown = set(args.commands) - set(COMMANDS)
+    if unknown:
+        sys.exit(f"unknown command(s) {sorted(unknown)}: choose from {', '.join(COMMANDS)}")
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    args.work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.code:
+        env["PYTHONPATH"] = os.pathsep.join([str(args.code.resolve()), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--short", "embedstore", "cli"], capture_output=True,
+                           text=True).stdout.split("\n")
+    result: dict[str, Any] = {
+        "machine": machine(), "code": str(args.code) if args.code else f"working tree of {git[:10]}",
+        "git_head": git, "uncommitted": [] if args.code else [ln.strip() for ln in dirty if ln.strip()],
+        "settings": {"repeats": args.repeats, "memory": args.memory, "dim": 512, "dtype": "float16",
+                     "labelled": 10_000, "classes": 10, "part_rows": args.part_rows, "timeout_s": args.timeout,
+                     "classify": "--models logreg --no-confusion", "cold": "fresh process per run; page cache warm"},
+        "sizes": {},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str))
-
-    print(f"\n{cores} cores, {args.backbone}, {runs[0]['images']} images from {args.data}, "
-          f"{args.shards} shards, median of {args.repeats}; ray.init {ray_init:.1f}s (not counted below)\n")
-    print("| run | wall s (median) | runs | images/s (wall) | embedded | overhead vs local | merge s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for t in table:
-        ov = f"{t['overhead_vs_local']:.2f}x" if t["overhead_vs_local"] else "-"
-        walls = " / ".join(f"{w:.1f}" for w in t["walls"])
-        merge_s = t["stages"].get("merge")
-        print(f"| {t['run']} | {t['wall_s']:.1f} | {walls} | {t['images_per_s_wall']:.1f} | {t['embedded']} | {ov} | "
-              f"{merge_s if merge_s is not None else '-'} |")
-    print(f"\nsame rows as local: {all(c['same_rows'] for c in checks.values())}; "
-          f"max |diff| {max(c['max_abs_diff'] for c in checks.values()):.2e}; "
-          f"min cosine {min(c['min_cosine'] for c in checks.values()):.5f}")
-    print(f"steady per-worker throughput {per_worker:.1f} img/s ({cores} CPUs); fixed overhead {fixed:.1f}s; "
-          f"{bytes_per_image:.0f} bytes/image in the store (dim {dim}); decode {decode_ips:.1f} img/s per core; "
-          f"GPU worker rate {gpu_ips:.0f} img/s ({result['gpu_ips_source']})\n")
-    print("| 100M images on | img/s per worker | hours | store GB | input read GB/s |")
-    print("|---|---:|---:|---:|---:|")
-    for p in plans:
-        kind = "GPU workers" if p.get("gpu") else f"{cores}-CPU workers"
-        print(f"| {p['workers']} {kind} | {p['per_worker_ips']:.0f} | {p['hours']:,.2f} | {p['store_gb']:,.0f} | "
-              f"{p['read_gb_per_s']:.3f} |")
-    print("\n| index for 100M | ivfdata GB (disk, mmap) | RAM GB (quantizer) | train sample | train RAM GB |")
-    print("|---|---:|---:|---:|---:|")
-    for r in result["index_100m"]:
-        print(f"| {r['index']} | {r['ivfdata_gb']:,.1f} | {r['ram_gb']:.2f} | {r['train_sample']:,} | "
-              f"{r['train_ram_gb']:.1f} |")
-    print(f"\nwrote {args.out}")
+    t0 = time.perf_counter()
+    for n in sizes:
+        print(f"{size_name(n)} vectors:", flush=True)
+        result["sizes"][size_name(n)] = run_size(n, args, env)
+        result["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=str))  # after every size: a late failure keeps these
+    print("\n" + render(result))
+    print(f"\nwrote {args.out} ({result['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -100,28 +100,44 @@ def classify(store: str, spaces: tuple[str, ...], models: str, protocol: str, pr
 
 @click.command()
 @click.argument("head", type=click.Path(exists=True))
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("images", nargs=-1, type=click.Path(exists=True))
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(1), help="Labels shown per image.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
 @click.option("--keep-going", is_flag=True,
               help="Label the readable images and list each unreadable one as a failure (exit 0); "
                    "by default an unreadable image is an error (exit 1).")
+@click.option("--store", "store", default=None, type=click.Path(dir_okay=False),
+              help="Label the cached vectors of this store instead of image files (no backbone is run).")
+@click.option("--space", default=None, help="With --store: the space to label (default: the head's space).")
+@click.option("--path", "paths", multiple=True,
+              help="With --store: only this image (its path in the store); repeat. Default: every vector.")
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
+              help="With --store: write the predictions to this CSV file, chunk by chunk, instead of printing them.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly
 def predict(head: str, images: tuple[str, ...], top_k: int, device: str, batch_size: int, keep_going: bool,
-            as_json: bool) -> None:
-    """Label IMAGES (files or folders) with a head saved by `embedstore classify --save-head`.
+            store: str | None, space: str | None, paths: tuple[str, ...], out: str | None, as_json: bool) -> None:
+    """Label IMAGES (files or folders), or a store's vectors (--store), with a head saved by
+    `embedstore classify --save-head`.
 
     The images are embedded with the backbone recorded in the head (refused if its weights
-    checksum differs), then classified; probabilities come from the head. --top-k larger than
-    the head's classes shows every class.
+    checksum differs), then classified; probabilities come from the head. With --store the
+    store's cached vectors are labelled chunk by chunk (refused if the space has other weights).
+    --top-k larger than the head's classes shows every class.
     """
     from embedstore.errors import CollectionError
     from embedstore.heads import load_head, predict_images
     from embedstore_cli.main import _table
 
+    if store is None and (space or paths or out):
+        raise click.UsageError("--space, --path and --out go with --store STORE.h5")
+    if (store is None) == (not images):
+        raise click.UsageError("give IMAGES to embed and label, or --store STORE.h5 to label its vectors (not both)")
     h = load_head(head)
+    if store is not None:
+        _predict_store(h, store, space, list(paths) or None, top_k, out, as_json)
+        return
     preds = predict_images(h, list(images), top_k=top_k, device=device, batch_size=batch_size)
     failed = [p for p in preds if "error" in p]
     if failed and not keep_going:
@@ -139,6 +155,30 @@ def predict(head: str, images: tuple[str, ...], top_k: int, device: str, batch_s
     click.echo(_table(rows, ["image", "label", "p", f"top {min(top_k, len(h.classes))}"]))
     if failed:
         click.echo(f"{len(failed)} of {len(preds)} image(s) could not be read (listed as ERROR above)", err=True)
+
+
+def _predict_store(h: Any, store: str, space: str | None, paths: list[str] | None, top_k: int, out: str | None,
+                   as_json: bool) -> None:
+    """``predict --store``: the store's vectors labelled chunk by chunk, to a CSV file or printed."""
+    from embedstore.heads import predict_store, write_predictions
+    from embedstore_cli.main import _table
+
+    chunks = predict_store(h, store, space=space, paths=paths, top_k=top_k)
+    if out is not None:
+        n = write_predictions(out, chunks)
+        if as_json:
+            emit_json({"head": str(h.path), "store": store, "model": h.model, "out": out, "predictions": n})
+        else:
+            click.echo(f"{n} prediction(s) written to {out}")
+        return
+    preds = [p for chunk in chunks for p in chunk]
+    if as_json:
+        emit_json({"head": str(h.path), "store": store, "space": space or h.space, "model": h.model,
+                   "predictions": preds})
+        return
+    rows = [[p["path"], p["label"], f"{p['probability']:.3f}", ", ".join(f"{t['label']} {t['p']:.2f}" for t in p["top"])]
+            for p in preds]
+    click.echo(_table(rows, ["image", "label", "p", f"top {min(top_k, len(h.classes))}"]))
 
 
 def register(group: click.Group) -> None:

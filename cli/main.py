@@ -175,9 +175,13 @@ def default_store(path: str) -> str:
 @friendly
 def info(store: str, as_json: bool, show_failures: bool) -> None:
     """Describe a store: images, labels, splits, embedding spaces and failures."""
-    st = embedstore.open_store(store)
+    st = embedstore.open_store(store)  # the header and small metadata; no vectors, no torch
     summary = st.summary()
-    summary["absolute_paths"] = int(sum(os.path.isabs(str(p)) for p in st.images["path"]))
+    if "absolute_paths" not in summary:  # older Store.summary(): count them here, without a loop per row
+        import numpy as np
+
+        paths = np.asarray(st.images["path"], dtype=str)
+        summary["absolute_paths"] = int(np.char.startswith(paths, os.sep).sum()) if paths.size else 0
     if as_json:
         if show_failures:
             summary["failure_list"] = st.failures
@@ -246,7 +250,8 @@ def _register_commands() -> None:
         importlib.import_module(f"embedstore_cli.{module}").register(main)
 
 
-COMMAND_MODULES = ("search_commands", "classify_commands", "finetune_commands", "scale_commands", "report_commands")
+COMMAND_MODULES = ("search_commands", "classify_commands", "finetune_commands", "scale_commands", "report_commands",
+                   "import_commands")
 _register_commands()
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,9 +40,10 @@ def _notes(notes: list[str]) -> None:
 @click.option("--kind", default="auto", show_default=True,
               help=f"{'|'.join(KINDS)}, or a faiss factory string such as 'IVF256,SQ8'.")
 @click.option("--memory", default="4G", show_default=True, callback=_size,
-              help="Memory budget of the index, e.g. 512M or 8G (auto and ivf-pq keep to it).")
+              help="Memory budget of the whole build process, e.g. 2G or 8G: what it holds already + the "
+                   "index + the training sample + one chunk (auto and ivf-pq pick an index that fits).")
 @click.option("--target-recall", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="recall@10 against exact search that nprobe / efSearch are tuned to reach.")
+              help="recall@10 against exact search that nprobe / efSearch / re-ranking are tuned to reach.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="cuda needs faiss's GPU build: pip install -e .[gpu] in a checkout (faiss-gpu-cu12).")
 @click.option("--rebuild", is_flag=True, help="Build from scratch instead of adding new rows.")
@@ -53,11 +54,14 @@ def index_command(store: str, space: str | None, kind: str, memory: int, target_
     """Build or update the FAISS index of a store's space (cosine similarity).
 
     \b
-    auto picks by size and --memory: Flat below 20k vectors, HNSW32 below 100k,
-    IVF with fast-scan PQ codes re-ranked exactly above, OPQ+IVF+PQ when only
-    compressed codes fit. nprobe / efSearch are tuned until recall@10 on held-out
-    queries reaches --target-recall. Saved in STORE.index/ with a JSON sidecar.
-    Run it again after `embedstore embed`: only new or changed rows are added.
+    auto picks by size and --memory: Flat below 20k vectors, HNSW32 below 100k;
+    from 100k (or when those do not fit) IVF with fast-scan PQ codes, or OPQ+IVF+PQ
+    when only smaller codes fit, whose top candidates are re-ranked exactly from the
+    stored vectors. The vectors are streamed from the store: a training sample, then
+    chunks. nprobe / efSearch / re-ranking depth are tuned until recall@10 on held-out
+    queries reaches --target-recall. Saved in STORE.index/ with a JSON sidecar; search
+    memory-maps it. Run it again after `embedstore embed`: only new or changed rows
+    are added.
     """
     from embedstore.index import build_index
 
@@ -70,10 +74,14 @@ def index_command(store: str, space: str | None, kind: str, memory: int, target_
     what = {"full": f"built in {info['build_seconds']:.1f}s",
             "incremental": f"updated (+{info['added']} -{info['removed']} rows) in {info['build_seconds']:.1f}s",
             "unchanged": "already up to date"}[info["mode"]]
-    click.echo(f"{store}: space {info['space']}: {info['factory']} over {info['rows']} rows {what} ({params})")
+    rerank = f", re-ranked from the {info['rerank']}" if info.get("rerank") else ""
+    click.echo(f"{store}: space {info['space']}: {info['factory']} over {info['rows']} rows {what} ({params}{rerank})")
     click.echo(f"  recall@10 {info['recall_at_10']:.3f} (target {info['target_recall']}), single query "
                f"p50 {info['latency_p50_ms']:.2f} ms, p99 {info['latency_p99_ms']:.2f} ms, "
                f"{info['bytes'] / 2**20:.1f} MiB -> {info['index_file']}")
+    if info.get("memory_plan") and info["mode"] != "unchanged":
+        peak = f", peak RSS {info['peak_rss']}" if info.get("peak_rss") else ""
+        click.echo(f"  memory: {info['memory_plan']}{peak}")
     _notes(info.get("notes", []))
 
 
@@ -84,9 +92,12 @@ def index_command(store: str, space: str | None, kind: str, memory: int, target_
               help="Query image or folder of images; more images may follow (--query a.jpg b.jpg).")
 @click.option("--row", "rows", multiple=True, type=int, help="Query with the stored vector of this store row.")
 @click.option("--path", "paths", multiple=True, help="Query with the stored vector of this image path.")
+@click.option("--vector", "vector_file", type=click.Path(exists=True, dir_okay=False),
+              help="Query with the vectors in FILE.npy (one vector, or one per row), of the space's model.")
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1), help="Neighbours per query.")
 @click.option("--space", help="Embedding space (default: the store's first frozen space).")
-@click.option("--where", multiple=True, help="Only images with label=NAME or split=NAME (repeatable).")
+@click.option("--where", multiple=True,
+              help="Only images with label=NAME, split=NAME or a stored path starting with path=PREFIX (repeatable).")
 @click.option("--exact", is_flag=True, help="Search exactly even when an index exists.")
 @click.option("--exclude-self", is_flag=True,
               help="Leave each query's own store row out of its hits (a stored row, path or image file).")
@@ -95,9 +106,9 @@ def index_command(store: str, space: str | None, kind: str, memory: int, target_
 @click.option("--json", "as_json", is_flag=True, help='Print {"results": [[{path, score, row, label}, ...], ...]}.')
 @friendly
 def search_command(store: str, more_images: tuple[str, ...], images: tuple[str, ...], rows: tuple[int, ...],
-                   paths: tuple[str, ...], k: int, space: str | None, where: tuple[str, ...], exact: bool,
-                   exclude_self: bool, out: str | None, as_json: bool) -> None:
-    """Find the images most similar to query images, store rows or stored paths.
+                   paths: tuple[str, ...], vector_file: str | None, k: int, space: str | None,
+                   where: tuple[str, ...], exact: bool, exclude_self: bool, out: str | None, as_json: bool) -> None:
+    """Find the images most similar to query images, store rows, stored paths or vectors.
 
     Query images are embedded with the space's own backbone and preprocessing (refused when
     the weights differ from the ones that built the space). Without an index the search is
@@ -105,12 +116,14 @@ def search_command(store: str, more_images: tuple[str, ...], images: tuple[str, 
     STORE.search/FOLDER.csv (or where --out says), and prints its path.
     """
     images = images + more_images
-    if sum(bool(x) for x in (images, rows, paths)) != 1:
-        raise click.UsageError("give one kind of query: --query IMG..., --row N or --path P")
+    if sum(bool(x) for x in (images, rows, paths, vector_file)) != 1:
+        raise click.UsageError("give one kind of query: --query IMG..., --row N, --path P or --vector FILE.npy")
     from embedstore.search import parse_where, search
 
+    vectors = _vectors(vector_file) if vector_file else None
     result = search(store, images=list(images) or None, rows=list(rows) or None, paths=list(paths) or None,
-                    k=k, space=space, where=parse_where(list(where)), exact=exact, exclude_self=exclude_self)
+                    vectors=vectors, k=k, space=space, where=parse_where(list(where)), exact=exact,
+                    exclude_self=exclude_self)
     folders = [p for p in images if os.path.isdir(p)]
     if out is None and folders:  # beside the store, never in the current directory
         name = os.path.basename(os.path.abspath(folders[0])) or "queries"
@@ -123,6 +136,21 @@ def search_command(store: str, more_images: tuple[str, ...], images: tuple[str, 
     elif not out:
         _print_results(result)
     _notes(result["notes"] + (["exact search"] if result["exact"] and not result["notes"] else []))
+
+
+def _vectors(path: str) -> Any:
+    """The query vectors of a ``--vector`` file: a numeric .npy array of one or two dimensions."""
+    import numpy as np
+
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise click.BadParameter(f"cannot read {path} as a .npy array ({e}): save vectors with numpy.save",
+                                 param_hint="--vector") from None
+    if vectors.ndim not in (1, 2) or not np.issubdtype(vectors.dtype, np.number) or not vectors.size:
+        raise click.BadParameter(f"{path} holds a {vectors.dtype} array of shape {vectors.shape}: give one vector "
+                                 "or a 2-D array of vectors, one per row", param_hint="--vector")
+    return vectors
 
 
 def _print_results(result: dict[str, Any]) -> None:
@@ -166,13 +194,21 @@ def _write_results(out: str, result: dict[str, Any]) -> None:
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1),
               help="Neighbours per image in the k-NN graph.")
 @click.option("--space", help="Embedding space (default: the store's first frozen space).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor keep the k-NN graph in STORE.index/.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly
-def duplicates_command(store: str, threshold: float, k: int, space: str | None, as_json: bool) -> None:
-    """Groups of near-duplicate images, from the index's k-NN graph (connected components)."""
+def duplicates_command(store: str, threshold: float, k: int, space: str | None, no_cache: bool,
+                       as_json: bool) -> None:
+    """Groups of near-duplicate images, from the index's k-NN graph (connected components).
+
+    The k-NN graph is built in batches on all cores and kept beside the index
+    (STORE.index/SPACE.knn-K-gGENERATION/): a run that was stopped resumes from the
+    batches it finished, and another --threshold reuses the graph (seconds). A
+    change to the space starts a new graph.
+    """
     from embedstore.search import duplicates
 
-    result = duplicates(store, threshold=threshold, k=k, space=space)
+    result = duplicates(store, threshold=threshold, k=k, space=space, cache=not no_cache)
     if as_json:
         emit_json(result)
         return
@@ -183,6 +219,10 @@ def duplicates_command(store: str, threshold: float, k: int, space: str | None, 
         click.echo(f"group {i}: {g['size']} images, lowest linking cosine {g['min_score']:.4f}")
         for m in g["members"]:
             click.echo(f"  {m['row']:>8}  {m['label'] or '-':<16} {m['path']}")
+    cache = result.get("knn_cache") or {}
+    if cache.get("folder"):
+        click.echo(f"k-NN graph: {cache['reused']} of {cache['batches']} batches reused, {cache['computed']} "
+                   f"computed, kept in {cache['folder']}", err=True)
     _notes(result["notes"])
 
 

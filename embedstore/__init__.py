@@ -29,6 +29,8 @@ _LAZY = {  # public name -> the sub-package that defines it
     "EmbeddingTransformer": "embedding",
     "embed": "pipeline",
     "merge": "pipeline",
+    "add_vectors": "pipeline",
+    "import_vectors": "pipeline",
     "Space": "store",
     "Store": "store",
     "open_store": "store",

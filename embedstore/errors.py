@@ -107,3 +107,8 @@ class MissingImageError(CollectionError, FileNotFoundError):
 
     def __str__(self) -> str:  # the message alone, not OSError's "[Errno 2] ...: 'file'"
         return str(self.args[0])
+
+
+class ImportFormatError(EmbedstoreError, ValueError):
+    """Vectors to import (a clip-retrieval folder: img_emb/, metadata/; or arrays in hand) that cannot be read
+    as given; the message names the file or value and the fix."""

@@ -66,3 +66,63 @@ def test_embed_choices_come_from_one_place() -> None:
     top = choices.MAX_SHARDS
     assert shards._SHARD_RE.match(shards.shard_file("s.h5", top - 1, top).name)
     assert not shards._SHARD_RE.match(shards.shard_file("s.h5", top, top + 1).name)
+
+
+# --------------------------------------------------------------------------- cold commands that read vectors
+
+COLD = """
+import json, sys
+from embedstore_cli.main import main
+code = None
+try:
+    main({args!r})
+except SystemExit as e:
+    code = e.code
+print(json.dumps({{"exit": code, "loaded": sorted(m for m in {watch!r} if m in sys.modules)}}))
+"""
+TORCH_SIDE = ("torch", "timm", "torchvision", "PIL", "embedstore.backbones.load", "embedstore.embedding")
+
+
+def run_cold(args: list[str]) -> dict:
+    done = subprocess.run([sys.executable, "-c", COLD.format(args=args, watch=TORCH_SIDE)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def vector_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(store, query.npy): 300 synthetic vectors written with commit_arrays, with a flat index."""
+    import numpy as np
+
+    from embedstore.index import build_index
+    from embedstore.store import StoreWriter
+
+    folder = tmp_path_factory.mktemp("cold")
+    store = folder / "cold.h5"
+    vectors = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float16)
+    with StoreWriter(store, root=str(folder)) as w:
+        w.commit_arrays("syn", {"dim": 16, "dtype": "float16", "backbone": "synthetic", "weights_sha256": None},
+                        vectors, [f"img/{i}.png" for i in range(300)], labels=[f"c{i % 2}" for i in range(300)])
+    build_index(store, kind="flat")
+    np.save(folder / "query.npy", vectors[7].astype(np.float32))
+    return str(store), str(folder / "query.npy")
+
+
+@pytest.mark.parametrize("how", ["info", "row", "path", "vector", "row-where", "duplicates"])
+def test_commands_over_stored_vectors_never_import_torch(vector_store: tuple[str, str], how: str) -> None:
+    store, query = vector_store
+    args = {"info": ["info", store, "--json"],
+            "row": ["search", store, "--row", "42", "--json"],
+            "path": ["search", store, "--path", "img/5.png", "--exact"],
+            "vector": ["search", store, "--vector", query, "-k", "3", "--json"],
+            "row-where": ["search", store, "--row", "42", "--where", "label=c1", "--exclude-self"],
+            "duplicates": ["duplicates", store, "--json"]}[how]
+    assert run_cold(args) == {"exit": 0, "loaded": []}
+
+
+def test_image_queries_do_import_the_backbone(session_tiny_store: tuple) -> None:
+    images, store = session_tiny_store
+    query = str(next(iter(sorted(images.rglob("*.png")))))
+    got = run_cold(["search", str(store), "--query", query, "-k", "2", "--json"])
+    assert got["exit"] == 0 and {"torch", "timm", "embedstore.backbones.load"} <= set(got["loaded"])

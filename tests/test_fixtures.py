@@ -12,10 +12,10 @@ from imagegen import TINY_BACKBONE
 
 
 def contents(path: Path) -> dict:
-    """Every dataset and attribute of a store file, timestamps left out."""
+    """Every dataset and attribute of a store file, timestamps and the store's identity left out."""
     out: dict = {}
     with h5py.File(path, "r") as f:
-        out["/"] = {k: v for k, v in f.attrs.items() if k != "created"}
+        out["/"] = {k: v for k, v in f.attrs.items() if k not in ("created", "uuid")}
 
         def visit(name: str, obj: h5py.HLObject) -> None:
             if isinstance(obj, h5py.Dataset):

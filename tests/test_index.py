@@ -10,7 +10,7 @@ import pytest
 
 from embedstore.index import (IndexFileError, build_index, choose_factory, exact_knn, index_files, index_vectors,
                               load_index, normalized, recall_at_k)
-from embedstore.store import FAILURE_COLUMNS, open_store, write_file
+from embedstore.store import StoreWriter, open_store
 
 DIM = 32
 
@@ -26,14 +26,24 @@ def clustered(n: int, dim: int = DIM, clusters: int = 40, seed: int = 0) -> np.n
 
 
 def write_store(path: Path, vectors: np.ndarray, labels: list[str] | None = None) -> Path:
-    """A store holding ``vectors`` as one space, written with the store's own writer."""
+    """Make the store at ``path`` hold ``vectors`` as space ``syn`` (row i = img/{i:05d}.png), written
+    with the store's own writer: a new store in one commit, an existing one by committing only the
+    rows that are new or whose vector changed (as ``embed`` would after images were added or edited)."""
     n = len(vectors)
-    images = {"path": [f"img/{i:05d}.png" for i in range(n)], "label": labels or [f"c{i % 3}" for i in range(n)],
-              "split": ["train" if i % 4 else "val" for i in range(n)], "size": [1] * n,
-              "hash": [f"{i:032x}" for i in range(n)], "mtime": [0.0] * n}
+    v16 = vectors.astype(np.float16)
+    commit = np.arange(n)
+    if path.exists():
+        sp = open_store(path).space("syn")
+        old = np.full((n, vectors.shape[1]), np.nan, np.float16)
+        inside = sp.rows < n
+        old[sp.rows[inside]] = sp.vectors[np.flatnonzero(inside)]
+        commit = np.flatnonzero(~(old == v16).all(axis=1))
+    labels = labels or [f"c{i % 3}" for i in range(n)]
     attrs = {"backbone": "synthetic", "weights_sha256": "f" * 64, "dim": vectors.shape[1], "dtype": "float16"}
-    write_file(path, {"root": str(path.parent), "created": "now"}, images,
-               {"syn": (attrs, np.arange(n), vectors.astype(np.float16))}, {c: [] for c in FAILURE_COLUMNS})
+    with StoreWriter(path, root=str(path.parent)) as w:
+        w.commit_arrays("syn", attrs, v16[commit], [f"img/{i:05d}.png" for i in commit],
+                        labels=[labels[i] for i in commit], splits=["train" if i % 4 else "val" for i in commit],
+                        sizes=[1] * len(commit), hashes=[f"{i:032x}" for i in commit])
     return path
 
 
@@ -45,8 +55,9 @@ def true_neighbours(queries: np.ndarray, base: np.ndarray, k: int = 10) -> np.nd
 def test_choice_follows_size_and_memory() -> None:
     assert choose_factory(5_000, 512) == "Flat"
     assert choose_factory(50_000, 512) == "HNSW32"
-    assert choose_factory(1_000_000, 512, 4 * 2**30) == "IVF1024,PQ128x4fs,RFlat"
-    assert choose_factory(1_000_000, 512, 2**30).startswith("OPQ")  # 2 GB of floats do not fit
+    assert choose_factory(1_000_000, 512, 4 * 2**30) == "IVF1024,PQ128x4fs"  # re-ranked from the store
+    assert choose_factory(50_000, 512, 20 * 2**20) == "IVF256,PQ128x4fs"  # HNSW's 100 MB do not fit
+    assert choose_factory(1_000_000, 512, 50 * 2**20).startswith("OPQ32,")  # 64 bytes a vector do not fit
     with pytest.raises(ValueError, match="too small"):
         choose_factory(1_000_000, 512, 5 * 2**20)
 

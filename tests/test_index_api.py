@@ -32,8 +32,8 @@ def small_store(tmp_path: Path) -> Path:
 
 
 def test_memory_is_bytes(small_store: Path) -> None:
-    info = build_index(small_store, kind="flat", memory=64 << 20)
-    assert info["memory"] == "64.0M"
+    info = build_index(small_store, kind="flat", memory=3 << 30)  # the budget of the whole process
+    assert info["memory"] == "3.0G" and "of --memory 3.0G" in info["memory_plan"]
     for bad in ("4G", 0, -1, 1.5, True):
         with pytest.raises(IndexBuildError, match=r"memory is a positive number of bytes.*parse_size"):
             build_index(small_store, kind="flat", memory=bad, rebuild=True)
@@ -42,9 +42,9 @@ def test_memory_is_bytes(small_store: Path) -> None:
 
 
 def test_cli_parses_memory(small_store: Path, cli: click.Group) -> None:
-    ok = CliRunner().invoke(cli, ["index", str(small_store), "--kind", "flat", "--memory", "64M", "--json"])
+    ok = CliRunner().invoke(cli, ["index", str(small_store), "--kind", "flat", "--memory", "3G", "--json"])
     assert ok.exit_code == 0, ok.output
-    assert json.loads(ok.stdout)["memory"] == "64.0M"
+    assert json.loads(ok.stdout)["memory"] == "3.0G"
     bad = CliRunner().invoke(cli, ["index", str(small_store), "--memory", "lots"])
     assert bad.exit_code == 2 and "Invalid value for '--memory'" in bad.output
     assert "cannot read size 'lots'" in bad.output
@@ -75,7 +75,8 @@ def test_where_is_a_dict(small_store: Path, cli: click.Group) -> None:
     (lambda s: build_index(s, target_recall=1.5), r"target recall must be in \(0, 1\], not 1.5"),
     (lambda s: build_index(s, device="tpu"), r"device must be auto, cpu or cuda, not 'tpu'"),
     (lambda s: build_index(s, kind="ivf-pq", memory=1000),
-     r"--memory 1000 is too small for 400 vectors.*allow at least"),
+     r"--memory 1000 is too small to index 400 vectors of dimension 16: the smallest build .* needs process .*"
+     r"Allow at least --memory"),
     (lambda s: index_vectors(np.ones((10, 16), np.float32), ids=[1, 2]), r"2 ids for 10 vectors"),
 ])
 def test_build_mistakes_are_index_build_errors(small_store: Path, call, message: str) -> None:

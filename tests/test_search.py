@@ -111,9 +111,11 @@ def test_duplicates_are_connected_components_of_the_knn_graph(tmp_path: Path) ->
     exact = duplicates(store, threshold=0.9999)
     assert exact["exact"] and [[m["row"] for m in g["members"]] for g in exact["groups"]] == expected
     build_index(store, kind="hnsw")
-    indexed = duplicates(store, threshold=0.9999)
+    indexed = duplicates(store, threshold=0.9999, cache=False)
     assert not indexed["exact"] and [[m["row"] for m in g["members"]] for g in indexed["groups"]] == expected
     assert indexed["in_groups"] == 5 and indexed["groups"][0]["min_score"] >= 0.9999
+    kept = duplicates(store, threshold=0.9999)  # the exact graph of the first run is still the space's graph
+    assert kept["exact"] and kept["knn_cache"]["computed"] == 0 and kept["groups"] == exact["groups"]
 
 
 def test_cli_index_search_duplicates(tiny_store: Path, collection: Path, cli: click.Group, tmp_path: Path,

@@ -1,52 +1,85 @@
 """The fine-tune stage's data: train and val rows from a store's splits, and the linear probe that starts the head (LP-FT).
 
 Crash safety: reads the store's cached vectors and computes in memory; nothing is written.
+
+Only the split's rows are read: their positions come from the space's label and split codes, their
+paths from ``Space.column`` at those positions, their vectors chunk by chunk
+(:func:`embedstore.heads.rows.read_vectors`), so memory follows the split, not the collection.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-from .._vectors import l2_normalize
 from ..errors import FinetuneError
+from ..heads.rows import labelled_rows, read_vectors
 from ..store import Space, Store
 
-def split_rows(st: Store, sp: Space, seed: int) -> tuple[list[str], list[tuple], list[tuple], str]:
-    """(classes, train rows, val rows, where val came from); rows are (path, label, split)."""
-    labelled = [(p, lab, s) for p, lab, s in zip(sp.paths, sp.labels, sp.splits) if lab]
-    train = [r for r in labelled if r[2] == "train"]
-    if not train:
+
+@dataclass
+class SplitRows:
+    """Rows of one part (train or val) of a space: positions in the space, with path, label and split.
+
+    Iterating gives ``(path, label, split)`` tuples; ``len()`` is the number of rows.
+    """
+
+    positions: np.ndarray  # int64 positions in the space
+    paths: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __iter__(self) -> Iterator[tuple[str, str, str]]:
+        return zip((str(p) for p in self.paths), (str(x) for x in self.labels), (str(x) for x in self.splits))
+
+    def take(self, keep: np.ndarray) -> "SplitRows":
+        """These rows at ``keep`` (a boolean mask or indices), in that order."""
+        return SplitRows(self.positions[keep], self.paths[keep], self.labels[keep], self.splits[keep])
+
+
+def split_rows(st: Store, sp: Space, seed: int) -> tuple[list[str], SplitRows, SplitRows, str]:
+    """(classes, train rows, val rows, where val came from), each part in position order."""
+    lab = labelled_rows(sp)
+    rows = SplitRows(lab.positions, np.asarray(sp.column("path", lab.positions), dtype=object), lab.labels, lab.splits)
+    train = rows.take(rows.splits == "train")
+    if not len(train):
         raise FinetuneError(
             f"{st.path} has no labelled images in a 'train' split (space {sp.name!r}): fine-tuning needs one. "
             "Lay the collection out as FOLDER/train/<class>/img and FOLDER/val/<class>/img, or embed a CSV list "
             "with path,label,split rows, and run `embedstore embed` again")
-    classes = sorted({r[1] for r in train})
+    classes = sorted({str(c) for c in train.labels})
     if len(classes) < 2:
         raise FinetuneError(f"{st.path}: the train split has only one class ({classes[0]!r}); fine-tuning needs two or more")
+    known = np.isin(rows.labels, np.asarray(classes, dtype=object))
     for name in ("val", "test"):
-        val = [r for r in labelled if r[2] == name and r[1] in classes]
-        if val:
+        val = rows.take((rows.splits == name) & known)
+        if len(val):
             return classes, train, val, name
     rng = np.random.default_rng(seed)
-    held = set()
+    held: set[int] = set()
     for c in classes:
-        idx = [i for i, r in enumerate(train) if r[1] == c]
+        idx = np.flatnonzero(train.labels == c).tolist()
         held.update(rng.permutation(idx)[: max(1, len(idx) // 5)].tolist() if len(idx) > 1 else [])
-    return (classes, [r for i, r in enumerate(train) if i not in held], [r for i, r in enumerate(train) if i in held],
-            "20% of train (the store has no val split)")
+    out = np.isin(np.arange(len(train)), np.fromiter(held, dtype=np.int64, count=len(held)))
+    return classes, train.take(~out), train.take(out), "20% of train (the store has no val split)"
 
 
-def linear_probe(sp: Space, train: list[tuple], val: list[tuple], codes: dict[str, int], seed: int) -> dict[str, Any]:
-    """L2 normalisation, standardisation and a logistic regression on the cached train vectors (C by 3-fold CV)."""
-    index = {p: i for i, p in enumerate(sp.paths)}
-    X = l2_normalize(sp.vectors[[index[p] for p, _, _ in train]], np.float64)
-    Xv = l2_normalize(sp.vectors[[index[p] for p, _, _ in val]], np.float64)
-    y = np.array([codes[lab] for _, lab, _ in train])
-    yv = np.array([codes[lab] for _, lab, _ in val])
+def linear_probe(sp: Space, train: SplitRows, val: SplitRows, codes: dict[str, int], seed: int) -> dict[str, Any]:
+    """L2 normalisation, standardisation and a logistic regression on the cached train vectors (C by 3-fold CV).
+
+    Reads the vectors of ``train`` and ``val`` only, chunk by chunk, in the stored dtype.
+    """
+    X = read_vectors(sp, train.positions, dtype=np.float64, normalize=True)
+    Xv = read_vectors(sp, val.positions, dtype=np.float64, normalize=True)
+    y = np.array([codes[str(lab)] for lab in train.labels])
+    yv = np.array([codes[str(lab)] for lab in val.labels])
     scaler = StandardScaler().fit(X)
     Z, Zv = scaler.transform(X), scaler.transform(Xv)
     folds = min(3, int(np.bincount(y).min()))

@@ -64,7 +64,7 @@ def publish(run: Run, net: T.Network, state: dict[str, Any], summary: dict[str, 
     items = [item(st, *r) for r in rows]
     embedded = failed = 0
     with StoreWriter(store_path, root=st.root) as writer:
-        todo, _, _ = plan(items, writer.snapshot(vectors=False), out_space)
+        todo, _, _ = plan(items, writer.snapshot(), out_space)
         bar = tqdm(total=len(todo), unit="img", desc=f"embed {out_space}", disable=not cfg.progress, file=sys.stderr)
         for results, vectors in iter_embeddings(todo, embedder, cfg.batch_size, run.workers):
             batch, k = Batch(), 0

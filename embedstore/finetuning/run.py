@@ -27,7 +27,7 @@ import torch
 
 from . import training as T
 from .config import RUN_KEYS, FinetuneConfig, Run
-from .probe import linear_probe, split_rows
+from .probe import SplitRows, linear_probe, split_rows
 from .publish import item, publish
 from ..backbones.load import load_space_backbone
 from ..data.reader import draft_size
@@ -47,8 +47,8 @@ class Model:
     trained: list[str]
     frozen: list[str]
     classes: list[str]
-    train: list[tuple]
-    val: list[tuple]
+    train: SplitRows  # iterates as (path, label, split) tuples
+    val: SplitRows
     val_note: str
     probe: dict[str, Any]
 
@@ -117,7 +117,8 @@ def _open(store_path: Path, cfg: FinetuneConfig) -> Run:
 
 
 def _model(run: Run) -> Model:
-    """Split the rows, fit the linear probe on the cached vectors, and build the network it starts."""
+    """Split the rows, fit the linear probe on the cached vectors (the split's rows only), and build the
+    network it starts."""
     cfg = run.cfg
     classes, train, val, val_note = split_rows(run.st, run.parent, cfg.seed)
     probe = linear_probe(run.parent, train, val, {c: i for i, c in enumerate(classes)}, cfg.seed)

@@ -10,5 +10,6 @@ from .confusion import write_confusion_png
 from .protocol import fit_head, FittedHead, best_result, carve_validation, model_names, parse_models, score_predictions, DEFAULT_MODELS, MODELS
 from .compare import classify, ClassifyReport
 from .saved import Head, load_head, save_head, predict_images
+from .predict_store import predict_store, write_predictions
 
-__all__ = ['FaissKNNClassifier', 'write_confusion_png', 'classify', 'fit_head', 'ClassifyReport', 'FittedHead', 'best_result', 'carve_validation', 'model_names', 'parse_models', 'score_predictions', 'DEFAULT_MODELS', 'MODELS', 'Head', 'load_head', 'save_head', 'predict_images']
+__all__ = ['FaissKNNClassifier', 'write_confusion_png', 'classify', 'fit_head', 'ClassifyReport', 'FittedHead', 'best_result', 'carve_validation', 'model_names', 'parse_models', 'score_predictions', 'DEFAULT_MODELS', 'MODELS', 'Head', 'load_head', 'save_head', 'predict_images', 'predict_store', 'write_predictions']

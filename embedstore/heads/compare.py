@@ -6,6 +6,10 @@ the confusion picture, :mod:`embedstore.heads.saved` saves heads atomically).
 Protocol: with train and val/test splits in the store, heads train on ``train`` and are scored
 on ``val`` (and on ``test`` when there is one); otherwise stratified k-fold cross-validation.
 Each head is chosen and fitted by :func:`embedstore.heads.protocol.fit_head`.
+
+Only the rows used are read: the labelled positions come from the space's label and split codes,
+their vectors are read in chunks in the stored dtype and converted to float32 chunk by chunk
+(:mod:`embedstore.heads.rows`), so memory follows the labelled rows, not the collection size.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from ..choices import PROTOCOLS
 from ..errors import HeadError, StoreError
 from ..store import Space, open_store
 from .protocol import FittedHead, best_result, check_preprocess, fit_head, model_names, score_predictions
+from .rows import Labelled, common_positions, labelled_rows, read_vectors
 
 
 def _rounded(d: dict[str, float]) -> dict[str, float]:
@@ -53,7 +58,8 @@ class ClassifyReport:
         """The fitted head of (space, model), the best one by default, with its space.
 
         Under the split protocol this is the head that was scored (trained on ``train``); under
-        cross-validation it is refit on every labelled row.
+        cross-validation it is refit on every labelled row. The space is the store's (when several
+        spaces were compared, the head was trained on their common images only).
         """
         space = space or self.best["space"]
         model = model or self.best["model"]
@@ -75,35 +81,28 @@ class ClassifyReport:
                              n_train=len(self._data[sp.name][1])))
 
 
-def _masks(sp: Space) -> dict[str, np.ndarray]:
-    labeled = np.array([bool(x) for x in sp.labels])
-    return {s: labeled & (sp.splits == s) for s in ("train", "val", "test")} | {"labeled": labeled}
+def _common_rows(spaces: list[Space]) -> list[Labelled]:
+    """The labelled rows of each space among the images embedded in all of them (compared fairly),
+    in each space's position order; found from row numbers and label/split codes, no vector read."""
+    return [labelled_rows(sp, keep) for sp, keep in zip(spaces, common_positions(spaces))]
 
 
-def _common_rows(spaces: list[Space]) -> list[Space]:
-    """Restrict several spaces to the images embedded in all of them, so they are compared fairly."""
-    if len(spaces) < 2:
-        return spaces
-    common = spaces[0].rows
-    for sp in spaces[1:]:
-        common = np.intersect1d(common, sp.rows)
-    out = []
-    for sp in spaces:
-        keep = np.isin(sp.rows, common)
-        out.append(Space(sp.name, sp.attrs, sp.rows[keep], sp.vectors[keep], sp.paths[keep], sp.labels[keep],
-                         sp.splits[keep]))
-    return out
+def _has_split(lab: Labelled) -> bool:
+    return bool(lab.mask("train").any() and (lab.mask("val").any() or lab.mask("test").any()))
 
 
-def resolve_protocol(protocol: str, sp: Space, path: str) -> str:
-    """``split`` when the store has a train split and a val or test split, else ``cv`` (for ``auto``)."""
+def resolve_protocol(protocol: str, sp: Space, path: str, labelled: Labelled | None = None) -> str:
+    """``split`` when the store has a train split and a val or test split, else ``cv`` (for ``auto``).
+
+    ``labelled``: the space's labelled rows when already found (default: read from ``sp``'s codes).
+    """
     if protocol not in PROTOCOLS:
         raise HeadError(f"unknown protocol {protocol!r}: choose from {', '.join(PROTOCOLS)}")
-    m = _masks(sp)
-    if not m["labeled"].any():
+    lab = labelled_rows(sp) if labelled is None else labelled
+    if not len(lab):
         raise StoreError(f"{path}: space {sp.name!r} has no labelled image; embed a folder laid out as <class>/img "
                          "or a CSV list path,label to classify")
-    has_split = m["train"].any() and (m["val"].any() or m["test"].any())
+    has_split = _has_split(lab)
     if protocol == "split" and not has_split:
         raise StoreError(f"{path} has no train and val/test splits: use --protocol cv, or embed a folder laid out "
                          "as train/<class>/img and val/<class>/img")
@@ -137,21 +136,23 @@ def classify(
     names = model_names(models)
     check_preprocess(preprocess)
     st = open_store(store)
-    chosen = _common_rows([st.space(n) for n in (spaces or list(st.spaces) or [None])])
-    proto = resolve_protocol(protocol, chosen[0], str(store))
+    chosen = [st.space(n) for n in (spaces or list(st.spaces) or [None])]
+    selected = _common_rows(chosen)
+    proto = resolve_protocol(protocol, chosen[0], str(store), selected[0])
     options = {"preprocess": preprocess, "val_fraction": val_fraction, "seed": seed}
     report = ClassifyReport(str(store), proto, {}, [], {}, _options=options)
     detail: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, list[str]]] = {}
-    for sp in chosen:
-        m = _masks(sp)
-        X = np.asarray(sp.vectors, dtype=np.float32)
+    for sp, lab in zip(chosen, selected):
+        if proto == "split":  # the rows of the three splits only
+            lab = lab.subset(np.isin(lab.splits, ("train", "val", "test")))
+        X, y = read_vectors(sp, lab.positions), lab.labels  # only the rows used, float32 chunk by chunk
         if proto == "split":
-            report._data[sp.name] = (X[m["train"]], sp.labels[m["train"]], sp)
-            rows, evaluation = _run_split(sp, X, m, names, options, report)
+            m = {s: lab.mask(s) for s in ("train", "val", "test")}
+            report._data[sp.name] = (X[m["train"]], y[m["train"]], sp)
+            rows, evaluation = _run_split(sp, X, y, m, names, options, report)
         else:
-            report._data[sp.name] = (X[m["labeled"]], sp.labels[m["labeled"]], sp)
-            rows, evaluation = _run_cv(sp, X[m["labeled"]], sp.labels[m["labeled"]], names, options, folds, seed,
-                                       str(store))
+            report._data[sp.name] = (X, y, sp)
+            rows, evaluation = _run_cv(sp, X, y, names, options, folds, seed, str(store))
         report.evaluation = evaluation
         for row, truth, pred, classes in rows:
             report.results.append(row)
@@ -185,22 +186,23 @@ def _predict(head: FittedHead, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, f
     return pred, proba, time.perf_counter() - t0
 
 
-def _run_split(sp: Space, X: np.ndarray, m: dict[str, np.ndarray], names: list[str], options: dict[str, Any],
-               report: ClassifyReport) -> tuple[list, dict[str, Any]]:
+def _run_split(sp: Space, X: np.ndarray, y: np.ndarray, m: dict[str, np.ndarray], names: list[str],
+               options: dict[str, Any], report: ClassifyReport) -> tuple[list, dict[str, Any]]:
+    """Train on the ``train`` rows of (X, y), score on val (or test); ``m``: split masks over those rows."""
     primary = "val" if m["val"].any() else "test"
     evaluation = {"train": int(m["train"].sum()), "eval_split": primary, "eval": int(m[primary].sum())}
     if primary == "val" and m["test"].any():
         evaluation["test"] = int(m["test"].sum())
     rows = []
     for name in names:
-        head = fit_head(X[m["train"]], sp.labels[m["train"]], model=name, **options)
+        head = fit_head(X[m["train"]], y[m["train"]], model=name, **options)
         report.heads[(sp.name, name)] = head
         pred, proba, predict_s = _predict(head, X[m[primary]])
-        truth = sp.labels[m[primary]]
+        truth = y[m[primary]]
         extra = {"val_score": None if head.val_score is None else round(head.val_score, 4)}
         if "test" in evaluation:
             tpred, tproba, _ = _predict(head, X[m["test"]])
-            extra["test"] = _rounded(score_predictions(sp.labels[m["test"]], tpred, tproba, head.classes))
+            extra["test"] = _rounded(score_predictions(y[m["test"]], tpred, tproba, head.classes))
         rows.append((_row(sp, head, score_predictions(truth, pred, proba, head.classes), predict_s, **extra),
                      truth, pred, head.classes))
     return rows, evaluation
@@ -237,6 +239,7 @@ def _run_cv(sp: Space, X: np.ndarray, y: np.ndarray, names: list[str], options: 
 
 
 def _mode(params: list[dict[str, Any]]) -> dict[str, Any]:
-    """The most frequent parameter choice across folds."""
+    """The most frequent parameter choice across folds; among equally frequent ones, the first fold's
+    (a set's order would depend on the process's string hashing, so two runs could differ)."""
     keys = [tuple(sorted(p.items())) for p in params]
-    return dict(max(set(keys), key=keys.count))
+    return dict(max(dict.fromkeys(keys), key=keys.count))

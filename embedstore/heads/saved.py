@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from .._atomic import atomic_write_bytes
 from .._hashing import sha256_bytes
 from ..errors import HeadError
 from ..store import Space
+from .rows import CHUNK, iter_vectors
 
 __all__ = ["HEAD_FORMAT", "Head", "HeadError", "load_head", "predict_images", "save_head"]
 
@@ -96,10 +97,27 @@ class Head:
         order = np.argsort(-proba, axis=1)[:, :k]
         return [[(self.classes[j], float(proba[i, j])) for j in row] for i, row in enumerate(order)]
 
-    def predict_space(self, space: Space, where: str | None = None) -> np.ndarray:
-        """Predict every vector of a store's space, after checking it is this head's space."""
+    def iter_space(self, space: Space, positions: np.ndarray | None = None, *, where: str | None = None,
+                   chunk: int = CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(indices, probabilities) chunk by chunk over a store's space, after checking it is this head's space.
+
+        ``positions=None`` streams every vector; else only ``positions`` are read (indices are into
+        ``positions``). Each chunk is read in the stored dtype and converted on its own, so memory
+        stays at one chunk whatever the space's size.
+        """
         self.check_space(space.attrs, where or f"the vectors of space {space.name!r}")
-        return self.predict(space.vectors)
+        for at, X in iter_vectors(space, positions, chunk=chunk):
+            yield at, self.predict_proba(X)
+
+    def predict_space(self, space: Space, where: str | None = None, positions: np.ndarray | None = None,
+                      chunk: int = CHUNK) -> np.ndarray:
+        """Predicted class names of a store's space (or of its ``positions`` only), chunk by chunk,
+        after checking it is this head's space."""
+        self.check_space(space.attrs, where or f"the vectors of space {space.name!r}")
+        out = np.empty(len(space) if positions is None else len(np.asarray(positions).reshape(-1)), dtype=object)
+        for at, X in iter_vectors(space, positions, chunk=chunk):
+            out[at] = self.predict(X)
+        return out
 
 
 def _short(v: Any) -> str:

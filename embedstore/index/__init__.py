@@ -6,13 +6,16 @@ sidecar (:mod:`.files`); a killed build leaves the previous index whole and in u
 from __future__ import annotations
 
 from ..errors import IndexFileError
+from .budget import process_rss
 from .build import build_index, index_vectors
 from .choose import KINDS, choose_factory, kind_name, resolve_kind
-from .files import LoadedIndex, index_files, load_index
+from .files import LoadedIndex, index_files, index_is_current, load_index
+from .rerank import search_index
 from .tune import omp_threads, recall_at_k, tune
 from .ondisk import build_ivf_on_disk, search_ivf_on_disk
 from .vectors import exact_knn, normalized
 
 __all__ = ['build_index', 'load_index', 'index_vectors', 'index_files', 'LoadedIndex', 'choose_factory',
            'resolve_kind', 'kind_name', 'exact_knn', 'normalized', 'omp_threads', 'recall_at_k', 'tune',
-           'IndexFileError', 'KINDS', 'build_ivf_on_disk', 'search_ivf_on_disk']
+           'IndexFileError', 'KINDS', 'build_ivf_on_disk', 'search_ivf_on_disk', 'index_is_current', 'search_index',
+           'process_rss']

@@ -2,13 +2,21 @@
 
 Cosine similarity throughout: vectors are L2-normalised float32 compared by inner product.
 Index ids are store rows (``Space.rows``), so every hit maps straight back to the images table.
-The choice of index is :mod:`.choose`, tuning :mod:`.tune`, the files and their generations
-:mod:`.files`.
+The choice of index is :mod:`.choose`, the memory budget :mod:`.budget`, filling and tuning
+:mod:`.fill` and :mod:`.tune`, re-ranking from the stored vectors :mod:`.rerank`, the files and
+their generations :mod:`.files`.
+
+Streaming: the vectors are never copied whole. Training reads a sample (``vectors[sorted
+positions]``), adding reads ``vectors[a:b]`` a chunk at a time, each normalised on its own; the
+sample and chunk sizes come from the whole-process ``memory`` budget (:mod:`.budget`).
 
 Incremental: ``build_index`` on a space that already has an index adds only the rows it lacks.
-A row whose vector changed (its image file changed and was embedded again) or that left the
-space is removed first (``remove_ids``); index types that cannot remove (HNSW, refined indexes)
-are rebuilt instead, and so is an index whose layout would be chosen differently at the new size.
+The sidecar records the store's uuid and the space's generation, and ``rows.npy`` the version
+(``Space.versions``) of each indexed vector: an indexed row that left the space or whose version
+grew is removed first (``remove_ids``), and the positions whose version is newer than the
+recorded generation, or whose row is not indexed, are added. Index types that cannot remove
+(HNSW, refined indexes) are rebuilt instead, and so is an index whose layout would be chosen
+differently at the new size, one of another store, or one from before generations were recorded.
 
 Crash safety: the index is built in memory under the space's build lock and published by
 :func:`.files.save_index` (a new generation, then the sidecar switch), so a build killed at any
@@ -17,9 +25,9 @@ moment leaves the previous index whole and in use.
 from __future__ import annotations
 
 import os
+import resource
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -27,121 +35,48 @@ import numpy as np
 from ..errors import IndexBuildError, IndexFileError, StoreError
 from ..store import Space, Store, open_store
 from ..utils import format_size, timed
-from .checks import faiss_message
-from .choose import DEFAULT_MEMORY, check_memory, kind_name, new_index, resolve_kind
-from .files import LoadedIndex, build_lock, index_files, load_built_index, save_index, write_sidecar
-from .gpu import resolve_faiss_device, to_gpu
-from .tune import Tuning, held_out, query_latency, true_neighbours, tune
-from .vectors import iter_chunks, normalized, vector_fingerprints
+from .budget import BuildPlan, plan_build, process_rss
+from .checks import check_trainable
+from .choose import DEFAULT_MEMORY, auto_candidates, check_memory, new_index, pq_codes, resolve_kind
+from .files import LoadedIndex, build_lock, index_files, index_is_current, load_built_index, save_index, write_sidecar
+from .fill import (RERANK_NOTE, BuiltIndex, add_rows, check_target, grow_and_tune, repeats, reserve,  # noqa: F401
+                   train_and_add)
+from .gpu import resolve_faiss_device
+from .rerank import id_positions, rerank
+from .tune import Rerank, Tuning, held_out, query_latency, searcher
+from .vectors import normalized
 
+def choose_build(kind: str, n: int, dim: int, itemsize: int, memory: int,
+                 rss: int | None = None) -> tuple[str, bool, BuildPlan]:
+    """(factory, re-ranked from the stored vectors, memory plan) of a ``kind`` over n vectors.
 
-def check_target(target_recall: float) -> None:
-    """IndexBuildError unless ``target_recall`` is in (0, 1]."""
-    if not 0 < target_recall <= 1:
-        raise IndexBuildError(f"target recall must be in (0, 1], not {target_recall}: e.g. 0.95")
-
-
-def _train_size(index: faiss.Index, n: int) -> int:
-    ivf = faiss.try_extract_index_ivf(index)
-    lists = ivf.nlist if ivf is not None else 0
-    return min(n, max(64 * lists, 65_536))
-
-
-def reserve(index: faiss.Index, n: int) -> None:
-    """Size an empty index's flat vector storage for n vectors at once.
-
-    Grown chunk by chunk, a vector doubles its buffer and briefly holds old and new copies: 3 GB
-    of peak memory for 2 GB of vectors.
+    ``auto`` and ``ivf-pq`` take the first of their candidates (:func:`.choose.auto_candidates`,
+    :func:`.choose.pq_codes`) whose index, training sample and chunk fit the budget beside the
+    process's resident memory; other kinds must fit it as they are.
     """
-    idx = faiss.downcast_index(index)
-    if isinstance(idx, faiss.IndexIDMap):
-        idx = faiss.downcast_index(idx.index)
-    inner = getattr(idx, "refine_index", None) or getattr(idx, "storage", None)
-    flat = faiss.downcast_index(inner) if inner is not None else idx
-    if isinstance(flat, faiss.IndexFlatCodes) and flat.ntotal == 0:
-        flat.codes.resize(n * flat.code_size)
-        flat.codes.resize(0)  # the capacity stays
+    rss = process_rss() if rss is None else rss
+    if kind not in ("auto", "ivf-pq"):
+        factory = resolve_kind(kind, n, dim, memory)
+        return factory, False, plan_build(factory, n, dim, itemsize, memory, rss)
+    options = auto_candidates(n, dim) if kind == "auto" else [(f, False) for f in pq_codes(n, dim)]
+    error: IndexBuildError | None = None
+    for factory, reranked in options:
+        try:
+            plan = plan_build(factory, n, dim, itemsize, memory, rss)
+        except IndexBuildError as e:
+            error = e  # the last is the smallest build: its numbers are the ones to report
+            continue
+        check_trainable(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT), factory, kind, n)
+        return factory, reranked, plan
+    raise error  # type: ignore[misc]  # options is never empty
 
 
-def add_rows(index: faiss.Index, vectors: Any, ids: np.ndarray, positions: np.ndarray) -> None:
-    """Add ``vectors[positions]`` (sorted) under ``ids[positions]``, a chunk at a time."""
-    for s in iter_chunks(len(positions)):
-        pos = positions[s]
-        index.add_with_ids(normalized(vectors, pos), np.ascontiguousarray(ids[pos], dtype=np.int64))
-
-
-def train_and_add(index: faiss.Index, vectors: Any, ids: np.ndarray, positions: np.ndarray, device: str,
-                  stages: dict[str, float], seed: int = 0, notes: list[str] | None = None) -> faiss.Index:
-    """Train ``index`` on a sample of ``vectors`` (when it needs training), then add ``positions``."""
-    n = len(ids)
-    work, gpu_res = index, None
-    if device == "cuda":
-        work, gpu_res = to_gpu(index, notes if notes is not None else [])
-    if not work.is_trained:
-        with timed(stages, "train"):
-            sample = np.sort(np.random.default_rng(seed).choice(n, _train_size(index, n), replace=False))
-            try:
-                work.train(normalized(vectors, sample))
-            except RuntimeError as e:  # a layout check_trainable does not know
-                raise IndexBuildError(f"faiss could not train this index kind on {len(sample)} vectors "
-                                      f"({faiss_message(e)}): choose --kind auto or flat, fewer lists, "
-                                      "or embed more images") from None
-    with timed(stages, "add"):
-        reserve(work, n)
-        add_rows(work, vectors, ids, positions)
-    if gpu_res is not None and work is not index:
-        index = faiss.index_gpu_to_cpu(work)
-    return index
-
-
-@dataclass
-class BuiltIndex:
-    """An index in memory with what its build measured."""
-
-    index: faiss.Index
-    factory: str
-    tuning: Tuning
-    latency_ms: tuple[float, float]
-    stages: dict[str, float]
-    notes: list[str]
-
-    def report(self) -> dict[str, Any]:
-        return {
-            "kind": kind_name(self.factory),
-            "factory": self.factory,
-            "params": self.tuning.params,
-            "rows": int(self.index.ntotal),
-            "recall_at_10": round(self.tuning.recall, 4),
-            "recall_queries": self.tuning.queries,
-            "latency_p50_ms": round(self.latency_ms[0], 3),
-            "latency_p99_ms": round(self.latency_ms[1], 3),
-            "tuning_curve": [[v, round(r, 4)] for v, r in self.tuning.curve],
-            "stages": {k: round(v, 3) for k, v in self.stages.items()},
-            "notes": self.notes,
-        }
-
-
-def grow_and_tune(index: faiss.Index, factory: str, vectors: Any, ids: np.ndarray, add: np.ndarray,
-                  held: np.ndarray, target_recall: float, stages: dict[str, float], notes: list[str],
-                  seed: int = 0) -> BuiltIndex:
-    """Add rows ``add``, tune on the held-out rows ``held`` (not yet in the index), then add them."""
-    with timed(stages, "add"):
-        add_rows(index, vectors, ids, add)
-    with timed(stages, "tune"):
-        k = min(10, len(ids) - len(held))
-        truth = true_neighbours(vectors, ids, held, k) if k > 0 and len(held) else np.empty((0, 1), np.int64)
-        queries = normalized(vectors, held)
-        tuning = tune(index, queries, truth, target_recall=target_recall)
-    if not tuning.met:
-        notes.append(f"recall@10 {tuning.recall:.3f} falls short of the target {target_recall}: this index's codes are "
-                     "too coarse; raise --memory or choose --kind hnsw / ivf-pq-refine")
-    with timed(stages, "latency"):
-        if not len(queries):  # too few rows to hold any out: time stored rows instead
-            queries = normalized(vectors, held_out(len(ids), 200, seed, np.arange(len(ids))))
-        latency = query_latency(index, queries)
-    with timed(stages, "add"):
-        add_rows(index, vectors, ids, held)
-    return BuiltIndex(index, factory, tuning, latency, stages, notes)
+def _rerank_fn(vectors: Any, ids: np.ndarray, on: bool,
+               positions_of: Callable[[np.ndarray], np.ndarray] | None = None) -> Rerank | None:
+    if not on:
+        return None
+    where = positions_of or id_positions(ids)
+    return lambda q, cand, k: rerank(vectors, where, q, cand, k)
 
 
 def index_vectors(vectors: Any, ids: np.ndarray | None = None, *, kind: str = "auto", memory: int = DEFAULT_MEMORY,
@@ -154,34 +89,41 @@ def index_vectors(vectors: Any, ids: np.ndarray | None = None, *, kind: str = "a
         ids: int64 id of each row (default 0..n-1).
         kind: ``auto``, ``flat``, ``hnsw``, ``ivf-flat``, ``ivf-pq``, ``ivf-pq-refine`` or a faiss
             factory string.
-        memory: index memory budget in bytes, e.g. ``4 * 2**30`` (``utils.parse_size("4G")``);
-            ``auto`` and ``ivf-pq`` stay within it.
+        memory: memory budget of the whole process in bytes, e.g. ``4 * 2**30``
+            (``utils.parse_size("4G")``), see :mod:`.budget`.
         target_recall: recall@10 that tuning aims for.
         device: ``auto`` (GPU when faiss's GPU build sees one), ``cpu`` or ``cuda``.
         n_queries: rows held out of the index while tuning (then added), for recall and latency.
         seed: seed of the training and held-out samples.
+
+    ``auto`` over many rows re-ranks from ``vectors``: search with ``BuiltIndex.search``.
     """
     n, dim = vectors.shape
     ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
     if len(ids) != n:
         raise IndexBuildError(f"{len(ids)} ids for {n} vectors: give one id per row, or none for 0..{n - 1}")
     check_target(target_recall)
+    memory = check_memory(memory)
     stages: dict[str, float] = {}
     notes: list[str] = []
-    factory = resolve_kind(kind, n, dim, memory)
+    with timed(stages, "plan"):
+        factory, reranked, plan = choose_build(kind, n, dim, np.dtype(vectors.dtype).itemsize, memory)
     return build_new(factory, vectors, ids, resolve_faiss_device(device), target_recall, n_queries, seed, stages,
-                     notes)
+                     notes, plan, _rerank_fn(vectors, ids, reranked))
 
 
 def build_new(factory: str, vectors: Any, ids: np.ndarray, device: str, target_recall: float, n_queries: int,
-              seed: int, stages: dict[str, float], notes: list[str]) -> BuiltIndex:
+              seed: int, stages: dict[str, float], notes: list[str], plan: BuildPlan,
+              rerank_fn: Rerank | None = None) -> BuiltIndex:
     """A new ``factory`` index over every row: trained and filled without the held-out rows, tuned on
     them, then given them too."""
     n, dim = len(ids), vectors.shape[1]
     held = held_out(n, n_queries, seed)
-    index = train_and_add(new_index(factory, dim), vectors, ids, np.setdiff1d(np.arange(n), held), device, stages,
-                          seed, notes)
-    return grow_and_tune(index, factory, vectors, ids, held[:0], held, target_recall, stages, notes, seed)
+    index = train_and_add(new_index(factory, dim), vectors, ids, held, device, stages, plan, seed, notes)
+    built = grow_and_tune(index, factory, vectors, ids, held[:0], held, target_recall, stages, notes, seed,
+                          rerank_fn, plan.chunk_rows)
+    built.plan = plan
+    return built
 
 
 def build_index(store: str | os.PathLike | Store, *, space: str | None = None, kind: str = "auto",
@@ -194,9 +136,9 @@ def build_index(store: str | os.PathLike | Store, *, space: str | None = None, k
         space: embedding space (default: the store's first frozen space).
         kind: ``auto``, ``flat``, ``hnsw``, ``ivf-flat``, ``ivf-pq``, ``ivf-pq-refine`` or a faiss
             factory string.
-        memory: budget for the index in memory, in bytes (``utils.parse_size("4G")``; ``auto`` and
-            ``ivf-pq`` respect it).
-        target_recall: recall@10 against exact search that nprobe / efSearch are tuned to reach.
+        memory: memory budget of the whole build process in bytes (``utils.parse_size("8G")``):
+            its resident memory + the index + the training sample + one chunk (:mod:`.budget`).
+        target_recall: recall@10 against exact search that nprobe / efSearch / k_factor are tuned to reach.
         device: ``auto``, ``cpu`` or ``cuda`` (faiss's GPU build: ``pip install -e ".[gpu]"`` in a checkout).
         rebuild: build from scratch even when the index could be extended.
         n_queries: rows held out of the index while tuning (added afterwards).
@@ -217,23 +159,27 @@ def build_index(store: str | os.PathLike | Store, *, space: str | None = None, k
     files = index_files(st.path, sp.name)
     dev = resolve_faiss_device(device)
     with build_lock(files):
-        with timed(stages, "fingerprint"):
-            fps = vector_fingerprints(sp.vectors)
-        factory = resolve_kind(kind, len(sp), sp.dim, memory)
+        with timed(stages, "plan"):
+            factory, reranked, plan = choose_build(kind, len(sp), sp.dim, np.dtype(sp.vectors.dtype).itemsize, memory)
         notes: list[str] = []
-        old = None if rebuild else _previous(st, sp, factory, target_recall, notes)
+        old = None if rebuild else _previous(st, sp, factory, reranked, target_recall, notes)
+        if old is not None and index_is_current(st, sp, old):
+            return {**old.info, "index_file": str(old.files.index), "space": sp.name,  # never a sidecar's path
+                    "mode": "unchanged", "added": 0, "removed": 0, "notes": [],
+                    "stages": {k: round(v, 3) for k, v in stages.items()}}
+        rerank_fn = _rerank_fn(sp.vectors, sp.rows, reranked)
         built, mode, added, removed = None, "full", len(sp), 0
         if old is not None:
-            stale, fresh = _changes(old, sp, fps)
-            if not len(stale) and not len(fresh):
-                return {**old.info, "index_file": str(old.files.index), "space": sp.name,  # never a sidecar's path
-                        "mode": "unchanged", "added": 0, "removed": 0, "notes": [],
-                        "stages": {k: round(v, 3) for k, v in stages.items()}}
-            if _remove(old, stale, stages, notes):
-                built = _extend(old, factory, sp, fresh, target_recall, n_queries, seed, stages, notes)
+            with timed(stages, "changes"):
+                stale, fresh = _changes(old, sp)
+            if _worth_extending(old, stale, notes) and _remove(old, stale, stages, notes):
+                built = _extend(old, factory, sp, fresh, target_recall, n_queries, seed, stages, notes, rerank_fn,
+                                plan.chunk_rows)
                 mode, added, removed = "incremental", len(fresh), len(stale)
+            del old
         if built is None:
-            built = build_new(factory, sp.vectors, sp.rows, dev, target_recall, n_queries, seed, stages, notes)
+            built = build_new(factory, sp.vectors, sp.rows, dev, target_recall, n_queries, seed, stages, notes, plan,
+                              rerank_fn)
         info = {
             **built.report(),
             "space": sp.name,
@@ -243,47 +189,85 @@ def build_index(store: str | os.PathLike | Store, *, space: str | None = None, k
             "metric": "cosine (inner product of L2-normalised vectors)",
             "target_recall": target_recall,
             "memory": format_size(memory),
+            "memory_plan": plan.describe(),
             "device": dev,
             "mode": mode,
             "added": int(added),
             "removed": int(removed),
+            "store_uuid": st.uuid,
+            "space_generation": int(sp.generation),
             "faiss": faiss.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         with timed(stages, "save"):
-            info = save_index(built.index, sp.rows, fps, info, files)
+            info = save_index(built.index, np.asarray(sp.rows), _versions(sp), info, files)
         info["stages"] = {k: round(v, 3) for k, v in stages.items()}
         info["build_seconds"] = round(time.perf_counter() - t0, 3)
+        info["peak_rss"] = format_size(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         write_sidecar(files, info)
     return info
 
 
-def _previous(st: Store, sp: Space, factory: str, target_recall: float, notes: list[str]) -> LoadedIndex | None:
-    """The existing index when it can be extended, else None (with a note saying why)."""
+def _versions(sp: Space) -> np.ndarray:
+    return np.zeros(len(sp), np.int64) if sp.versions is None else np.asarray(sp.versions, np.int64)
+
+
+def _previous(st: Store, sp: Space, factory: str, reranked: bool, target_recall: float,
+              notes: list[str]) -> LoadedIndex | None:
+    """The existing index when it can be extended (read whole unless it is current), else None
+    (with a note saying why)."""
     try:
-        old = load_built_index(st, sp.name)
+        old = load_built_index(st, sp.name)  # memory-mapped: an unchanged index costs no read
     except IndexFileError as e:
         notes.append(f"rebuilt: the previous index was unusable ({e})")
         return None
     if old is None:
         return None
-    if old.info.get("factory") != factory:
-        notes.append(f"rebuilt: {factory} suits {len(sp)} rows (the previous index was {old.info.get('factory')})")
+    info = old.info
+    if info.get("space_generation") is None:
+        notes.append("rebuilt: the previous index was built before store generations were recorded")
         return None
-    if old.info.get("target_recall") != target_recall:
-        notes.append(f"rebuilt: tuned for recall {target_recall} "
-                     f"(the previous index for {old.info.get('target_recall')})")
+    if info.get("store_uuid") != st.uuid:
+        notes.append(f"rebuilt: the previous index was built for another store (uuid {info.get('store_uuid')!r}, "
+                     f"this store is {st.uuid!r})")
         return None
-    return old
+    if info.get("factory") != factory or bool(info.get("rerank")) != reranked:
+        notes.append(f"rebuilt: {factory} suits {len(sp)} rows (the previous index was {info.get('factory')})")
+        return None
+    if info.get("target_recall") != target_recall:
+        notes.append(f"rebuilt: tuned for recall {target_recall} (the previous index for {info.get('target_recall')})")
+        return None
+    if index_is_current(st, sp, old):
+        return old
+    try:
+        return load_built_index(st, sp.name, mmap=False)  # to be extended: in memory
+    except IndexFileError as e:
+        notes.append(f"rebuilt: the previous index was unusable ({e})")
+        return None
 
 
-def _changes(old: LoadedIndex, sp: Space, fps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(indexed rows to remove: changed or gone, positions in the space to add: new or changed)."""
-    known = dict(zip(old.rows.tolist(), old.fingerprints.tolist()))
-    current = dict(zip(sp.rows.tolist(), fps.tolist()))
-    stale = np.array([r for r, f in known.items() if current.get(r) != f], np.int64)
-    fresh = np.flatnonzero([known.get(r) != f for r, f in current.items()]).astype(np.int64)
-    return stale, fresh
+def _changes(old: LoadedIndex, sp: Space) -> tuple[np.ndarray, np.ndarray]:
+    """(indexed rows to remove: gone, or whose version grew; positions in the space to add: newer
+    than the indexed generation, or not indexed)."""
+    generation = int(old.info["space_generation"])
+    versions = _versions(sp)
+    pos = sp.positions_of(np.asarray(old.rows))
+    here = pos >= 0
+    grown = np.zeros(len(pos), bool)
+    grown[here] = versions[pos[here]] > np.asarray(old.versions)[here]
+    stale_mask = ~here | grown
+    indexed = np.zeros(len(sp), bool)
+    indexed[pos[here & ~grown]] = True
+    fresh = np.flatnonzero(~indexed | (versions > generation)).astype(np.int64)
+    return np.asarray(old.rows)[stale_mask].astype(np.int64), fresh
+
+
+def _worth_extending(old: LoadedIndex, stale: np.ndarray, notes: list[str]) -> bool:
+    """False (with a note) when most indexed vectors are stale: a rebuild costs less."""
+    if len(stale) * 2 > max(1, len(old.rows)):
+        notes.append(f"rebuilt: {len(stale)} of {len(old.rows)} indexed vectors changed or left the space")
+        return False
+    return True
 
 
 def _remove(old: LoadedIndex, stale: np.ndarray, stages: dict[str, float], notes: list[str]) -> bool:
@@ -304,18 +288,20 @@ def _remove(old: LoadedIndex, stale: np.ndarray, stages: dict[str, float], notes
 
 
 def _extend(old: LoadedIndex, factory: str, sp: Space, fresh: np.ndarray, target_recall: float, n_queries: int,
-            seed: int, stages: dict[str, float], notes: list[str]) -> BuiltIndex:
+            seed: int, stages: dict[str, float], notes: list[str], rerank_fn: Rerank | None,
+            chunk: int) -> BuiltIndex:
     """Add the fresh rows; re-tune on some of them when there are enough, else keep the parameters."""
     if len(fresh) >= 50:
         held = held_out(len(sp), n_queries, seed, among=fresh)
         return grow_and_tune(old.index, factory, sp.vectors, sp.rows, np.setdiff1d(fresh, held), held,
-                             target_recall, stages, notes, seed)
+                             target_recall, stages, notes, seed, rerank_fn, chunk)
     with timed(stages, "add"):
-        add_rows(old.index, sp.vectors, sp.rows, fresh)
+        add_rows(old.index, sp.vectors, sp.rows, fresh, chunk=chunk)
     notes.append(f"kept the tuned parameters and recall of the previous build: only {len(fresh)} rows were added")
     info = old.info
     tuning = Tuning(info.get("params", {}), info.get("recall_at_10", 0.0),
                     [tuple(c) for c in info.get("tuning_curve", [])], info.get("recall_queries", 0))
     with timed(stages, "latency"):
-        latency = query_latency(old.index, normalized(sp.vectors, held_out(len(sp), 200, seed)))
-    return BuiltIndex(old.index, factory, tuning, latency, stages, notes)
+        latency = query_latency(searcher(old.index, tuning.params, rerank_fn),
+                                normalized(sp.vectors, held_out(len(sp), 200, seed)), repeats=repeats(rerank_fn))
+    return BuiltIndex(old.index, factory, tuning, latency, stages, notes, rerank_fn)

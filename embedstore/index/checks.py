@@ -16,10 +16,12 @@ import faiss
 from ..errors import IndexBuildError, SidecarError
 
 MAX_GENERATION = 2**31 - 1  # builds number their files 1, 2, 3...; anything larger was not written by one
-PARAM_LIMITS = {"nprobe": None, "efSearch": 4096, "k_factor_rf": 128}  # None: at most the index's lists
-_INTS = ("rows", "bytes", "rows_bytes", "dim", "recall_queries", "added", "removed")
+PARAM_LIMITS = {"nprobe": None, "efSearch": 4096, "k_factor_rf": 128,  # None: at most the index's lists
+                "k_factor": 128}  # re-ranking from the stored vectors (.rerank): any index
+_INTS = ("rows", "bytes", "rows_bytes", "dim", "recall_queries", "added", "removed", "space_generation")
 _NUMBERS = ("recall_at_10", "latency_p50_ms", "latency_p99_ms", "target_recall", "build_seconds")
-_STRINGS = ("factory", "kind", "space", "backbone", "weights_sha256", "memory", "device", "mode")
+_STRINGS = ("factory", "kind", "space", "backbone", "weights_sha256", "memory", "device", "mode", "store_uuid",
+            "rerank")
 
 
 def faiss_message(e: BaseException) -> str:
@@ -80,6 +82,7 @@ def check_params(index: faiss.Index, params: dict[str, int]) -> None:
     range a tuning uses."""
     ivf = faiss.try_extract_index_ivf(index)
     knobs = {"nprobe": int(ivf.nlist)} if ivf is not None else {}
+    knobs["k_factor"] = PARAM_LIMITS["k_factor"]
     if has_hnsw(index):
         knobs["efSearch"] = PARAM_LIMITS["efSearch"]
     if is_refined(index):

@@ -19,6 +19,7 @@ KINDS = INDEX_KINDS
 FLAT_MAX_ROWS = 20_000  # exact search answers a query in about a millisecond below this
 HNSW_MAX_ROWS = 100_000  # HNSW builds in about a minute on two cores below this
 HNSW_M = 32
+PQ_MIN_ROWS = 100_000  # from here on, auto always picks compressed IVF-PQ codes re-ranked from the store
 DEFAULT_MEMORY = 4 * 2**30
 
 
@@ -40,24 +41,47 @@ def ivf_lists(n: int) -> int:
     return int(max(1, min(lists, 16384, n // 39)))
 
 
-def pq_factory(n: int, dim: int, budget: int) -> str:
-    """The largest OPQ+IVF+PQ code that fits ``budget`` bytes (autofaiss's rule), at most 64 bytes.
+def pq_codes(n: int, dim: int) -> list[str]:
+    """OPQ+IVF+PQ factories for n vectors of dimension dim, from the largest code to the smallest.
 
     Sub-vectors keep at least 8 dimensions (k-means on fewer is slow in faiss and adds little);
     below 10k vectors, too few to train 256 centroids per sub-quantizer, codes are 4-bit and
-    there is no OPQ rotation.
+    there is no OPQ rotation. Every one keeps its inverted lists as a plain array, which a
+    search memory-maps (:mod:`.files`).
     """
-    lists = ivf_lists(n)
-    big = n >= 10_000
-    for m in (64, 48, 32, 24, 16, 8, 4, 2, 1):
-        if dim % m or (dim // m < 8 and m > 1):
-            continue
-        if n * (m // (1 if big else 2) + 8) + lists * dim * 4 + dim * dim * 4 <= budget:
-            return f"OPQ{m},IVF{lists},PQ{m}np" if big else f"IVF{lists},PQ{m}x4np"
-    raise IndexBuildError(
-        f"--memory {format_size(budget)} is too small for {n} vectors of dimension {dim}: "
-        f"allow at least {format_size(n * 9 + lists * dim * 4 + dim * dim * 4)}"
-    )
+    lists, big = ivf_lists(n), n >= 10_000
+    return [f"OPQ{m},IVF{lists},PQ{m}np" if big else f"IVF{lists},PQ{m}x4np"
+            for m in (64, 48, 32, 24, 16, 8, 4, 2, 1) if not dim % m and (dim // m >= 8 or m == 1)]
+
+
+def too_small(budget: int, n: int, dim: int, smallest: str, need: int, what: str = "") -> IndexBuildError:
+    """The error of a budget that cannot hold even the smallest index."""
+    return IndexBuildError(
+        f"--memory {format_size(budget)} is too small for {n} vectors of dimension {dim}{what}: the smallest "
+        f"index ({smallest}) needs {format_size(need)}; allow at least {format_size(need)}"
+        + (f" (--memory {format_size(need)})" if not what else ""))
+
+
+def pq_factory(n: int, dim: int, budget: int) -> str:
+    """The largest OPQ+IVF+PQ code (:func:`pq_codes`) whose index fits ``budget`` bytes (autofaiss's rule)."""
+    codes = pq_codes(n, dim)
+    for factory in codes:
+        if estimate_bytes(factory, n, dim) <= budget:
+            return factory
+    raise too_small(budget, n, dim, codes[-1], estimate_bytes(codes[-1], n, dim))
+
+
+def auto_candidates(n: int, dim: int) -> list[tuple[str, bool]]:
+    """The factories ``auto`` considers for n vectors of dimension dim, best first, with whether
+    their candidates are re-ranked from the stored vectors (see :func:`choose_factory`)."""
+    out: list[tuple[str, bool]] = []
+    if n < PQ_MIN_ROWS and n < FLAT_MAX_ROWS:
+        out.append(("Flat", False))
+    elif n < PQ_MIN_ROWS and n < HNSW_MAX_ROWS:
+        out.append((f"HNSW{HNSW_M}", False))
+    if not dim % 4:
+        out.append((f"IVF{ivf_lists(n)},PQ{dim // 4}x4fs", True))
+    return out + [(f, True) for f in pq_codes(n, dim)]
 
 
 def estimate_bytes(factory: str, n: int, dim: int) -> int:
@@ -77,35 +101,40 @@ def estimate_bytes(factory: str, n: int, dim: int) -> int:
     if "SQFP16" in f:
         code = n * dim * 2
     refine = flat if "RFLAT" in f else 0
-    return code + refine + extra
+    rotation = dim * dim * 4 if "OPQ" in f else 0
+    return code + refine + extra + rotation
 
 
 def choose_factory(n: int, dim: int, memory: int = DEFAULT_MEMORY) -> str:
-    """The index an autofaiss-style rule picks for n vectors of dimension dim within ``memory`` bytes.
+    """The index an autofaiss-style rule picks for n vectors of dimension dim whose index may take
+    ``memory`` bytes (a build gives it what its whole-process budget leaves, :mod:`.budget`).
 
     * n < 20k: ``Flat`` (exact; a query costs about a millisecond)
-    * n < 100k and the vectors fit: ``HNSW32`` (best latency; builds in about a minute on two cores)
-    * the vectors fit: ``IVF{lists},PQ{dim/4}x4fs,RFlat``: an inverted file scanned with 4-bit
-      fast-scan codes (1/32 of the bytes of IVF-Flat), whose best candidates are re-ranked exactly
-      against the full vectors. On overlapping clusters (``benchmarks/search.py --hard``, 1M x 512,
-      two cores) it reaches recall@10 0.95 at 1.8 ms a query where IVF-Flat needs 22 ms. HNSW32
-      took 15-46 s to build over 100k such vectors (so minutes at 1M), and on the hard set needed
-      efSearch 480 (3.4 ms a query) already at 100k.
-    * otherwise ``OPQ{m},IVF{lists},PQ{m}`` with the largest code that fits (no re-ranking).
+    * n < 100k and the graph fits: ``HNSW32`` (best latency; builds in about a minute on two cores)
+    * from ``PQ_MIN_ROWS`` (100k) rows on, or when those do not fit: ``IVF{lists},PQ{dim/4}x4fs``
+      (4-bit fast-scan codes, dim/8 bytes a vector, scanned with SIMD lookups), else, where even
+      those do not fit, ``OPQ{m},IVF{lists},PQ{m}`` with the largest 8-bit code that does (the
+      OPQ rotation is what keeps few bytes a vector accurate); the best ``k_factor * k``
+      candidates of either are re-ranked exactly from the stored float16 vectors (:mod:`.rerank`,
+      ``k_factor`` tuned with nprobe). From 100k rows on the full-vector copies
+      of Flat, HNSW, IVF-Flat or IVF-PQ+RFlat (4 bytes a dimension, 2 GiB at 1M x 512) would
+      cost more memory than the rows themselves on disk, while codes + ids take 72 bytes a
+      vector; the inverted lists are saved as one array that search memory-maps, and the
+      re-ranking reads k_factor * k rows from the store. (IVF-PQ+RFlat, the auto choice up to
+      ~2M rows before, stays available as ``--kind ivf-pq-refine``.)
     """
     budget = check_memory(memory)
-    candidates = []
-    if n < FLAT_MAX_ROWS:
-        candidates.append("Flat")
-    elif n < HNSW_MAX_ROWS:
-        candidates.append(f"HNSW{HNSW_M}")
-    if dim % 4 == 0:
-        candidates.append(f"IVF{ivf_lists(n)},PQ{dim // 4}x4fs,RFlat")
-    candidates.append(f"IVF{ivf_lists(n)},Flat")
-    for factory in candidates:
+    candidates = auto_candidates(n, dim)
+    for factory, _ in candidates:
         if estimate_bytes(factory, n, dim) <= budget:
             return factory
-    return pq_factory(n, dim, budget)
+    smallest = candidates[-1][0]
+    raise too_small(budget, n, dim, smallest, estimate_bytes(smallest, n, dim))
+
+
+def reranked(kind: str, factory: str) -> bool:
+    """Whether a build of ``kind`` (resolved to ``factory``) re-ranks its candidates from the stored vectors."""
+    return kind == "auto" and "PQ" in factory.upper() and "RFLAT" not in factory.upper()
 
 
 def resolve_kind(kind: str, n: int, dim: int, memory: int = DEFAULT_MEMORY) -> str:
@@ -152,7 +181,7 @@ def kind_name(factory: str) -> str:
         return "ivf-flat"
     if re.fullmatch(r"IVF\d+,PQ\d+X4FS,RFLAT", f):
         return "ivf-pq-refine"
-    if re.fullmatch(r"(OPQ\d+(_\d+)?,)?IVF\d+,PQ\d+(X\d+)?(NP)?", f):
+    if re.fullmatch(r"(OPQ\d+(_\d+)?,)?IVF\d+,PQ\d+(X\d+(FS)?)?(NP)?", f):
         return "ivf-pq"
     return factory
 

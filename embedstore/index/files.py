@@ -3,9 +3,20 @@
 Files, beside ``photos.h5`` in ``photos.h5.index/``::
 
     <space>.<g>.faiss      the index (``faiss.write_index``), ids = store rows
-    <space>.<g>.rows.npy   (n, 2) int64: indexed row, fingerprint of the vector it was given
+    <space>.<g>.rows.npy   (n, 2) int64: indexed row, the version (``Space.versions``) of the
+                           vector it was given
     <space>.json           sidecar: generation g, kind, factory, parameters, rows, recall@10,
-                           latency, seconds, bytes
+                           latency, seconds, bytes, and the store's ``store_uuid`` and the
+                           space's ``space_generation`` it was built from
+
+Staleness costs O(1): an index is current when the sidecar names the store's uuid, the space's
+generation and its number of rows (:func:`index_is_current`); which rows changed is worked out
+from the versions only when the index is brought up to date. Sidecars from before generations
+(no ``space_generation``) are never current: the next build rebuilds them.
+
+Loading memory-maps what FAISS can map (``IO_FLAG_MMAP``: the inverted lists of IVF indexes;
+``IO_FLAG_MMAP_IFC``: the codes of flat and HNSW storage), read-only, so a search touches only
+the lists it probes; a build that extends an index loads it into memory (``mmap=False``).
 
 Crash safety: a save writes a new generation ``g`` beside the current one (each file through
 ``_atomic.atomic_write``: a temporary name, fsync'd, renamed), then replaces the sidecar, which is
@@ -31,7 +42,7 @@ import numpy as np
 from .._atomic import atomic_write, atomic_write_text
 from ..errors import IndexFileError, SidecarError, StoreError
 from ..store.locks import try_lock
-from ..store import Store, open_store
+from ..store import Space, Store, open_store
 from .checks import check_params, check_sidecar, faiss_message, valid_generation
 from .tune import set_params
 
@@ -90,20 +101,38 @@ class LoadedIndex:
 
     index: faiss.Index
     info: dict[str, Any]
-    rows: np.ndarray  # indexed store rows, ascending
-    fingerprints: np.ndarray  # fingerprint of each indexed row's vector
+    rows: np.ndarray  # indexed store rows
+    versions: np.ndarray  # the version (Space.versions) of each indexed row's vector when it was added
     files: IndexFiles
+
+    @property
+    def k_factor(self) -> int:
+        """Candidates per hit re-ranked from the stored vectors (0: the index's own scores are final)."""
+        return int(self.info.get("params", {}).get("k_factor", 0))
+
+
+def index_is_current(st: Store, sp: Space, loaded: LoadedIndex) -> bool:
+    """Whether ``loaded`` indexes exactly what space ``sp`` of store ``st`` holds now, in O(1).
+
+    True iff the sidecar names the same store (uuid), the space's current generation and its number
+    of rows. Sidecars written before generations were recorded are never current.
+    """
+    info = loaded.info
+    return (info.get("space_generation") is not None and info.get("store_uuid") == st.uuid
+            and info.get("space_generation") == sp.generation and info.get("rows") == len(sp))
 
 
 def _fix(store: str | os.PathLike, space: str) -> str:
     return f"rebuild it with `embedstore index {store} --space {space}`"
 
 
-def load_index(store: str | os.PathLike | Store, space: str | None = None) -> LoadedIndex:
+def load_index(store: str | os.PathLike | Store, space: str | None = None, *, mmap: bool = True) -> LoadedIndex:
     """Read the index of a space (default: the store's first frozen space) with its tuned parameters.
 
-    Raises ``IndexFileError``, naming the file and the fix, when it is missing, corrupt, or does
-    not belong to this space's backbone (when ``store`` is an open ``Store``, that is checked).
+    ``mmap``: memory-map what FAISS can map, read-only (see the module docstring); ``False`` reads
+    the whole index into memory, as a build that adds to it needs. Raises ``IndexFileError``,
+    naming the file and the fix, when it is missing, corrupt, or does not belong to this space's
+    backbone (when ``store`` is an open ``Store``, that is checked).
     """
     st = store if isinstance(store, Store) else None
     path = st.path if st is not None else Path(store)
@@ -111,24 +140,42 @@ def load_index(store: str | os.PathLike | Store, space: str | None = None) -> Lo
         space = (st or open_store(path)).space().name
     files = index_files(path, space)
     try:
-        return _load_files(files, path, space, st)
+        return _load_files(files, path, space, st, mmap)
     except IndexFileError:
         latest = index_files(path, space)
         if latest.generation == files.generation:
             raise
-        return _load_files(latest, path, space, st)  # a build switched generations while we read
+        return _load_files(latest, path, space, st, mmap)  # a build switched generations while we read
 
 
-def load_built_index(st: Store, space: str) -> LoadedIndex | None:
-    """The space's index as :func:`load_index` reads it, or None when no index was ever built (neither
-    its sidecar nor its index file exists); damaged files raise ``IndexFileError`` as there."""
+def load_built_index(st: Store, space: str, *, mmap: bool = True) -> LoadedIndex | None:
+    """The space's index as :func:`load_index` reads it (memory-mapped unless ``mmap=False``), or None
+    when no index was ever built (neither its sidecar nor its index file exists); damaged files raise
+    ``IndexFileError`` as there."""
     files = index_files(st.path, space)
     if not files.sidecar.exists() and not files.index.exists():
         return None
-    return load_index(st, space)
+    return load_index(st, space, mmap=mmap)
 
 
-def _load_files(files: IndexFiles, path: Path, space: str, st: Store | None) -> LoadedIndex:
+def mmap_flags(factory: str) -> int:
+    """The read-only memory-map flags FAISS supports for an index built with ``factory``."""
+    f = factory.upper()
+    if "IVF" in f and "RFLAT" not in f:  # inverted lists (array or fast-scan blocks) mapped from the file
+        return faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    return faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY  # flat codes (Flat, HNSW storage) mapped
+
+
+def _read(path: Path, factory: str, mmap: bool) -> faiss.Index:
+    if mmap:
+        try:
+            return faiss.read_index(str(path), mmap_flags(factory))
+        except RuntimeError:  # a layout FAISS cannot map: read it whole (a damaged file fails below too)
+            pass
+    return faiss.read_index(str(path))
+
+
+def _load_files(files: IndexFiles, path: Path, space: str, st: Store | None, mmap: bool) -> LoadedIndex:
     if not files.sidecar.exists():
         if files.index.exists():
             raise IndexFileError(f"index file {files.index} has no sidecar {files.sidecar.name}: {_fix(path, space)}")
@@ -149,8 +196,8 @@ def _load_files(files: IndexFiles, path: Path, space: str, st: Store | None) -> 
             raise IndexFileError(f"index file {f} is corrupt or from another build (size {f.stat().st_size}, "
                                  f"sidecar says {info.get(key)}): {_fix(path, space)}")
     try:
-        index = faiss.read_index(str(files.index))
-        state = np.load(files.rows, allow_pickle=False)
+        index = _read(files.index, info["factory"], mmap)
+        state = np.load(files.rows, mmap_mode="r", allow_pickle=False)  # read-only views, paged in when used
     except (RuntimeError, OSError, ValueError) as e:
         raise IndexFileError(f"index file {files.index} is corrupt ({faiss_message(e)}): {_fix(path, space)}") from None
     if index.ntotal != len(state) or len(state) != info.get("rows") or state.ndim != 2:
@@ -167,16 +214,16 @@ def _load_files(files: IndexFiles, path: Path, space: str, st: Store | None) -> 
     except (ValueError, RuntimeError) as e:
         raise SidecarError(f"index sidecar {files.sidecar} does not fit its index ({faiss_message(e)}): "
                            f"{_fix(path, space)}") from None
-    return LoadedIndex(index, info, state[:, 0].copy(), state[:, 1].copy(), files)
+    return LoadedIndex(index, info, state[:, 0], state[:, 1], files)
 
 
-def save_index(index: faiss.Index, rows: np.ndarray, fingerprints: np.ndarray, info: dict[str, Any],
+def save_index(index: faiss.Index, rows: np.ndarray, versions: np.ndarray, info: dict[str, Any],
                files: IndexFiles) -> dict[str, Any]:
-    """Write a new generation (index, rows), switch the sidecar to it, remove the old one; returns
-    the sidecar. Call it holding the build lock."""
+    """Write a new generation (index, and each indexed row with its vector's version), switch the
+    sidecar to it, remove the old one; returns the sidecar. Call it holding the build lock."""
     files.index.parent.mkdir(parents=True, exist_ok=True)
     new = index_files_at(files.sidecar).next_generation()  # the current one: read under the lock
-    state = np.stack([rows, fingerprints], axis=1).astype(np.int64)
+    state = np.stack([rows, versions], axis=1).astype(np.int64)
     info = {**info, "format": FORMAT, "generation": new.generation, "index_file": str(new.index)}
     info["bytes"] = atomic_write(new.index, lambda p: faiss.write_index(index, p))
     info["rows_bytes"] = atomic_write(new.rows, lambda p: _save_npy(p, state))

@@ -1,6 +1,9 @@
 """Tuning an index's search knob (nprobe, efSearch, re-ranking depth) to a target recall@10 on
 held-out rows, and measuring single-query latency.
 
+Re-ranking depth is ``k_factor_rf`` for faiss's refined indexes, and ``k_factor`` when the
+candidates are re-ranked from the stored vectors (:mod:`.rerank`, a ``rerank`` callable here).
+
 Crash safety: in-memory only; nothing here writes a file.
 """
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import faiss
 import numpy as np
@@ -17,6 +20,8 @@ from .checks import PARAM_LIMITS, has_hnsw, is_refined
 from .vectors import exact_knn, normalized
 
 K_FACTORS = (16, 32, 64, 128)  # re-ranking depths tried, in order, for refined indexes
+RERANK_PARAM = "k_factor"  # candidates per hit re-ranked from the stored vectors: ours, not a faiss parameter
+Rerank = Callable[[np.ndarray, np.ndarray, int], "tuple[np.ndarray, np.ndarray]"]  # (queries, candidates, k)
 
 
 @dataclass
@@ -42,7 +47,22 @@ def set_params(index: faiss.Index, params: dict[str, int]) -> None:
     """Apply search parameters (nprobe, efSearch, k_factor_rf) however deep the index nests them."""
     ps = faiss.ParameterSpace()
     for name, value in params.items():
-        ps.set_index_parameter(index, name, value)
+        if name != RERANK_PARAM:
+            ps.set_index_parameter(index, name, value)
+
+
+def searcher(index: faiss.Index, params: dict[str, int], rerank: Rerank | None = None
+             ) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
+    """``search(queries, k)`` over ``index``: with ``params[k_factor]`` and ``rerank``, the top
+    ``k_factor * k`` candidates re-ranked exactly; else the index's own search."""
+    k_factor = params.get(RERANK_PARAM, 0)
+    if not (k_factor and rerank):
+        return index.search
+
+    def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        _, candidates = index.search(queries, max(k, min(int(index.ntotal), k * k_factor)))
+        return rerank(queries, candidates, k)
+    return search
 
 
 def recall_per_query(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -74,22 +94,25 @@ def true_neighbours(vectors: Any, ids: np.ndarray, queries_at: np.ndarray, k: in
     return out
 
 
-def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, *, target_recall: float = 0.95) -> Tuning:
+def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, *, target_recall: float = 0.95,
+         rerank: Rerank | None = None) -> Tuning:
     """Find the cheapest nprobe / efSearch whose recall@k on ``queries`` reaches ``target_recall``.
 
     ``queries`` must not be in the index (held-out rows); ``truth`` is their exact top-k. The target
     counts as met when it holds with 95% confidence over the sample (mean - 1.64 standard errors),
     so that it also holds for new queries. Doubles the parameter until the target is met, then
     bisects; when it cannot be met, takes the smallest value within 0.002 of the best recall seen.
-    Refined indexes re-rank 16x k candidates, or 32x, 64x, 128x while that falls short.
+    Refined indexes (and, with ``rerank``, any index whose candidates it re-ranks from the stored
+    vectors) re-rank 16x k candidates, or 32x, 64x, 128x while that falls short.
     """
     if not len(queries) or not (truth >= 0).any():
-        return Tuning({}, 1.0)
+        return Tuning({RERANK_PARAM: K_FACTORS[0]} if rerank else {}, 1.0)
     best = None
-    for k_factor in K_FACTORS if is_refined(index) else (None,):
-        params = {"k_factor_rf": k_factor} if k_factor else {}
+    name = RERANK_PARAM if rerank else "k_factor_rf"
+    for k_factor in K_FACTORS if (rerank or is_refined(index)) else (None,):
+        params = {name: k_factor} if k_factor else {}
         set_params(index, params)
-        result = _tune_knob(index, queries, truth, target_recall, params)
+        result = _tune_knob(index, queries, truth, target_recall, params, rerank)
         if best is None or result.recall > best.recall:
             best = result
         if result.met:
@@ -99,16 +122,17 @@ def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, *, target_r
 
 
 def _tune_knob(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, target_recall: float,
-               params: dict[str, int]) -> Tuning:
+               params: dict[str, int], rerank: Rerank | None = None) -> Tuning:
     knob = search_knob(index)
     k = truth.shape[1]
+    search = searcher(index, params, rerank)
 
     met: dict[int, bool] = {}
 
     def measure(value: int | None) -> float:
         if value is not None:
             set_params(index, {knob[0]: value})
-        hits = recall_per_query(index.search(queries, k)[1], truth)
+        hits = recall_per_query(search(queries, k)[1], truth)
         met[value] = hits.mean() - 1.64 * hits.std() / np.sqrt(len(hits)) >= target_recall
         return float(hits.mean())
 
@@ -152,17 +176,20 @@ def omp_threads(n: int) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
-def query_latency(index: faiss.Index, queries: np.ndarray, k: int = 10, repeats: int = 200) -> tuple[float, float]:
-    """p50 and p99 wall time of single-query searches (one thread), in milliseconds."""
+def query_latency(index: faiss.Index | Callable[[np.ndarray, int], Any], queries: np.ndarray, k: int = 10,
+                  repeats: int = 200) -> tuple[float, float]:
+    """p50 and p99 wall time of single-query searches (one thread), in milliseconds; ``index`` is an
+    index or a ``search(queries, k)`` function (:func:`searcher`, re-ranking included)."""
     if not len(queries):
         return 0.0, 0.0
+    search = index if callable(index) and not isinstance(index, faiss.Index) else index.search
     times = []
     with omp_threads(1):
         for i in range(min(5, len(queries))):
-            index.search(queries[i : i + 1], k)
+            search(queries[i : i + 1], k)
         for i in range(repeats):
             q = queries[i % len(queries)][None]
             t0 = time.perf_counter()
-            index.search(q, k)
+            search(q, k)
             times.append(time.perf_counter() - t0)
     return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3)

@@ -1,5 +1,5 @@
-"""Vectors going into and out of faiss: normalised chunks of a (possibly HDF5) array, change
-fingerprints, and exact streamed k-NN.
+"""Vectors going into and out of faiss: normalised chunks of a (possibly HDF5) array, and exact
+streamed k-NN.
 
 Crash safety: reads only; nothing here writes a file.
 """
@@ -25,18 +25,6 @@ def iter_chunks(n: int, chunk: int = CHUNK) -> Iterator[slice]:
     """Consecutive slices covering ``range(n)``, ``chunk`` rows each (the last may be shorter)."""
     for a in range(0, n, chunk):
         yield slice(a, min(n, a + chunk))
-
-
-def vector_fingerprints(vectors: Any, chunk: int = 8192) -> np.ndarray:
-    """An exact 64-bit hash of each row's bytes: tells which stored vectors changed."""
-    n, dim = vectors.shape
-    out = np.empty(n, np.int64)
-    weights = np.random.default_rng(20240611).integers(1, 2**63, size=dim, dtype=np.uint64) | np.uint64(1)
-    for s in iter_chunks(n, chunk):
-        block = np.ascontiguousarray(vectors[s])
-        raw = block.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[block.dtype.itemsize]).astype(np.uint64)
-        out[s] = (raw * weights).sum(axis=1, dtype=np.uint64).view(np.int64)
-    return out
 
 
 def exact_knn(queries: np.ndarray, vectors: Any, ids: np.ndarray, k: int,

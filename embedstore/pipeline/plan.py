@@ -1,6 +1,6 @@
 """Planning a run: which items of a collection are new or changed for a space, and path rebasing.
 
-Crash safety: reads only (file stats, content hashes of touched files, the store's rows without vectors).
+Crash safety: reads only (file stats, content hashes of touched files, the store's columns at the listed rows).
 """
 from __future__ import annotations
 
@@ -9,38 +9,56 @@ import stat
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from .._hashing import hash_file
 from ..data.collection import ImageItem
 from ..store import Store, failure_keys, open_store
 
 
 def plan(items: list[ImageItem], store: Store | None, space: str) -> tuple[list[ImageItem], int, int]:
-    """Split items into (to embed, unchanged, known failures) for one space."""
+    """Split items into (to embed, unchanged, known failures) for one space.
+
+    Reads the store's columns only at the rows of the listed items (path keys, not every path).
+    """
     if store is None:
         return list(items), 0, 0
-    index = {p: i for i, p in enumerate(store.images["path"])}
-    embedded = set(store.spaces[space].rows.tolist()) if space in store.spaces else set()
+    rows = store.rows_of([it.rel for it in items])
+    sp = store.spaces.get(space)
+    embedded = sp.positions_of(rows) >= 0 if sp is not None else np.zeros(len(items), bool)
+    candidates = np.flatnonzero((rows >= 0) & embedded)
+    size = np.full(len(items), -1, np.int64)
+    mtime = np.full(len(items), np.nan)
+    size[candidates] = store.image_column("size", rows[candidates])
+    mtime[candidates] = store.image_column("mtime", rows[candidates])
     failed = failure_keys(store)
     todo, unchanged, known_failed = [], 0, 0
-    for it in items:
+    to_hash: list[tuple[int, ImageItem]] = []
+    for j, it in enumerate(items):
         try:
             st = os.stat(it.path)
         except OSError:
             todo.append(it)  # the reader records why
             continue
-        row = index.get(it.rel)
-        if row is not None and row in embedded and stat.S_ISREG(st.st_mode):  # never hash a FIFO or device
-            if store.images["size"][row] == st.st_size and store.images["mtime"][row] == st.st_mtime:
+        if embedded[j] and rows[j] >= 0 and stat.S_ISREG(st.st_mode):  # never hash a FIFO or device
+            if size[j] == st.st_size and mtime[j] == st.st_mtime:
                 unchanged += 1
                 continue
-            if store.images["size"][row] == st.st_size and store.images["hash"][row] == hash_file(it.path):
-                unchanged += 1  # touched but identical content
+            if size[j] == st.st_size:
+                to_hash.append((j, it))  # touched: unchanged if the content is identical
                 continue
         prev = failed.get((it.rel, space))
         if prev is not None and prev == (st.st_size, st.st_mtime):
             known_failed += 1
             continue
         todo.append(it)
+    if to_hash:
+        stored = store.image_column("hash", rows[[j for j, _ in to_hash]])
+        for (j, it), h in zip(to_hash, stored):
+            if h == hash_file(it.path):
+                unchanged += 1
+            else:
+                todo.append(it)
     return todo, unchanged, known_failed
 
 
@@ -60,11 +78,8 @@ def rebase_onto(store: Store | None, root: str, items: Sequence[ImageItem]) -> t
 
 
 def plan_view(path: Path) -> Store | None:
-    """The store at ``path`` without its vectors (main file plus published journal parts), or None.
-
-    Enough to plan what a run or shard still needs; no ``vectors`` dataset is read.
-    """
+    """The store at ``path`` (main file plus published journal parts; no vector read), or None."""
     try:
-        return open_store(path, vectors=False)
+        return open_store(path)
     except FileNotFoundError:
         return None

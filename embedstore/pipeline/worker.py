@@ -79,7 +79,7 @@ def run_items(store: str | os.PathLike, root: str, items: Sequence[ImageItem], *
         root, items = job.root, job.items
     with StoreWriter(job.work if job is not None else store, root=root) as writer:
         with timed(stages, "plan"):
-            snapshot = writer.snapshot(vectors=False)  # rows only: no vector is read to plan
+            snapshot = writer.snapshot()  # no vector is read to plan
             prev = snapshot.spaces.get(space) if snapshot is not None else None
             if prev is None and job is not None and job.base is not None:
                 prev = job.base.spaces.get(space)  # a shard extends the target store's space

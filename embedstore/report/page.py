@@ -130,7 +130,7 @@ def write_report(store: str | os.PathLike | Store, out: str | os.PathLike, *,
             groups[sp.name] = dups.get("count", 0)
         sampled[sp.name] = {"map_points": int(len(pos)), "of": len(sp), "queries": len(query_rows)}
         sections.append(section(f"space-{i}", f"space {sp.name}", space_data(
-            i, sp, xy, sp.rows[pos], sp.labels[pos], colors, how, gallery, dups), kind="space"))
+            i, sp, xy, sp.rows[pos], sp.column("label", pos), colors, how, gallery, dups), kind="space"))
     with stage("classifiers", f"classifier heads ({', '.join(heads) or 'none'})"):
         report = run_classify(st, spaces, heads, seed, notes)
         sections.append(section("classifiers", "classifiers", classifier_data(report, heads, notes)))
@@ -175,8 +175,8 @@ def clamp_sizes(st: Store, spaces: list[Space], max_points: int, queries: int, k
 
 def sample_positions(sp: Space, order: np.ndarray, n: int) -> np.ndarray:
     """Positions in the space of the first ``n`` store rows of ``order`` (a random permutation) it holds."""
-    rows = order[np.isin(order, sp.rows)][:n]
-    return np.sort(np.searchsorted(sp.rows, rows))
+    pos = sp.positions_of(order)
+    return np.sort(pos[pos >= 0][:n])
 
 
 def pick_queries(order: np.ndarray, st: Store, spaces: list[Space], n: int) -> list[int]:

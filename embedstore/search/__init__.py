@@ -1,10 +1,17 @@
-"""Similarity queries over a space: k nearest neighbours of images, rows or paths, and near-duplicate groups.
+"""Similarity queries over a space: k nearest neighbours of images, rows, paths or vectors, and
+near-duplicate groups from the space's k-NN graph.
 
-Crash safety: reads the store and its index only; writes nothing.
+Modules: ``query`` (``search``), ``rows`` (filters, path lookups, a query's own rows), ``rerank``
+(index candidates re-ranked from the stored vectors), ``duplicates`` and ``graph`` (the cached,
+resumable k-NN graph).
+
+Crash safety: reads the store and its index; the only files written are the k-NN graph cache of
+``duplicates`` (each batch atomically, see :mod:`.graph`), beside the index.
 """
 from __future__ import annotations
 
 from .rows import parse_where, WHERE_KEYS
-from .query import search, duplicates, DUPLICATES_THRESHOLD
+from .query import search
+from .duplicates import duplicates, DUPLICATES_THRESHOLD
 
 __all__ = ['parse_where', 'WHERE_KEYS', 'search', 'duplicates', 'DUPLICATES_THRESHOLD']

@@ -1,9 +1,11 @@
-"""Similarity search and near-duplicate groups over a store's embedding space.
+"""Similarity search over a store's embedding space.
 
 Queries are images (embedded with the space's own backbone and preprocessing, refused when the
-weights differ from the recorded checksum), store rows, or stored paths. With an index
-(``embedstore index``) the search is approximate at the recall it was tuned for; without one it
-is exact, and the result says so. Scores are cosine similarities.
+weights differ from the recorded checksum), store rows, or stored paths. With an up-to-date index
+(``embedstore index``) the search is approximate at the recall it was tuned for; without one, or
+when the store changed since it was built, it is exact, and the result says so. Scores are cosine
+similarities. A query reads only what it touches: its own vectors, the index, and the columns of
+the k hits; torch and timm are imported for image queries only.
 
 Crash safety: reads the store and the index only; nothing here writes a file. An index that a
 build replaces while it is read is read again at its new generation (``index.files.load_index``).
@@ -17,18 +19,16 @@ import faiss
 import numpy as np
 
 from .._vectors import l2_normalize
-from ..choices import DUPLICATES_THRESHOLD
-from ..data.collection import ImageItem, expand_images
-from ..errors import IndexFileError, QueryError, SidecarError
-from ..index.files import LoadedIndex, load_built_index
+from ..errors import QueryError, SidecarError
+from ..index.files import LoadedIndex, index_is_current, load_built_index
 from ..index.tune import omp_threads
-from ..index.vectors import exact_knn, iter_chunks, normalized, vector_fingerprints
+from ..index.vectors import exact_knn, normalized
 from ..store import Space, Store, open_store
 from ..utils import timed
-from .rows import WHERE_KEYS, check_where, filter_positions, parse_where, self_rows  # noqa: F401 (API)
+from .rerank import index_search
+from .rows import WHERE_KEYS, check_where, filter_positions, parse_where, self_rows, stored_rows  # noqa: F401 (API)
 
 FILTER_EXACT_MAX = 100_000  # filtered queries over at most this many rows are answered exactly
-DUPLICATES_EXACT_MAX = 20_000  # duplicates without an index: exact k-NN up to this many rows
 
 
 # --------------------------------------------------------------------------- queries
@@ -40,7 +40,9 @@ def embed_images(space: Space, images: Sequence[str], device: str = "auto",
 
     Raises ``BackboneError`` when this machine's weights differ from the ones that built the space.
     """
+    _check_has_backbone(space)
     from ..backbones.load import load_space_backbone  # torch and timm: only image queries need them
+    from ..data.collection import ImageItem
     from ..embedding.embedder import Embedder, embed_items
 
     embedder = Embedder(load_space_backbone(space.attrs), device=device)
@@ -52,29 +54,32 @@ def embed_images(space: Space, images: Sequence[str], device: str = "auto",
     return l2_normalize(np.nan_to_num(vectors, nan=0.0)), errors
 
 
+def _check_has_backbone(space: Space) -> None:
+    """QueryError for a space of imported vectors: no backbone of this store made them."""
+    if "imported_from" in space.attrs:
+        raise QueryError(f"space {space.name!r} holds vectors imported from {space.attrs['imported_from']}: "
+                         "there is no backbone to embed query images with; query it by stored row (--row), "
+                         "stored path (--path) or vectors of the same model (search(..., vectors=...))")
+
+
 def row_positions(space: Space, rows: Sequence[int]) -> np.ndarray:
     """Positions in the space of store rows, refusing rows the space lacks."""
-    rows = np.asarray(rows, np.int64)
-    pos = np.searchsorted(space.rows, rows)
-    bad = [int(r) for r, p in zip(rows, pos) if p >= len(space.rows) or space.rows[p] != r]
-    if bad:
-        raise QueryError(f"row {bad[0]} is not in space {space.name!r}: rows are the store's image rows "
+    pos = space.positions_of(np.asarray(rows, np.int64))
+    if (pos < 0).any():
+        bad = int(np.asarray(rows, np.int64)[np.flatnonzero(pos < 0)[0]])
+        raise QueryError(f"row {bad} is not in space {space.name!r}: rows are the store's image rows "
                          "(see `embedstore search --json` output or the images table)")
     return pos
 
 
 def path_rows(store: Store, paths: Sequence[str]) -> list[int]:
     """Store rows of stored paths (as stored, or absolute paths inside the store's root)."""
-    where = {p: i for i, p in enumerate(store.images["path"])}
-    rows = []
-    for p in paths:
-        rel = os.path.relpath(os.path.abspath(p), store.root) if os.path.isabs(p) and store.root else p
-        row = where.get(p, where.get(rel))
-        if row is None:
+    rows = stored_rows(store, paths)
+    for p, row in zip(paths, rows):
+        if row < 0:
             raise QueryError(f"{p} is not in {store.path}: give a path as stored (relative to {store.root}) "
                              "or use --query to embed a new image")
-        rows.append(row)
-    return rows
+    return [int(r) for r in rows]
 
 
 # --------------------------------------------------------------------------- searching
@@ -85,8 +90,10 @@ def _open(store: str | os.PathLike | Store, space: str | None) -> tuple[Store, S
     return st, st.space(space)
 
 
-def _index_or_none(st: Store, sp: Space, notes: list[str]) -> LoadedIndex | None:
-    """The space's index, None (with a note) when none was built; corrupt files raise."""
+def _index_or_none(st: Store, sp: Space, notes: list[str], stale_ok: bool = False) -> LoadedIndex | None:
+    """The space's index, None (with a note) when none was built or, unless ``stale_ok``, when the
+    store changed since it was built (``index_is_current``: store identity, space generation and
+    row count, no vector read); corrupt files raise."""
     try:
         loaded = load_built_index(st, sp.name)
     except SidecarError as e:
@@ -96,11 +103,12 @@ def _index_or_none(st: Store, sp: Space, notes: list[str]) -> LoadedIndex | None
         notes.append(f"no index for space {sp.name!r}: exact search over {len(sp)} vectors "
                      f"(build one with `embedstore index {st.path} --space {sp.name}`)")
         return None
-    same_rows = np.array_equal(loaded.rows, sp.rows)
-    if not same_rows or not np.array_equal(loaded.fingerprints, vector_fingerprints(sp.vectors)):
-        notes.append(f"the index of space {sp.name!r} is out of date ({len(loaded.rows)} vectors indexed, "
-                     f"{len(sp)} in the store, changed ones included): run `embedstore index {st.path} "
-                     f"--space {sp.name}` to bring it up to date")
+    if not index_is_current(st, sp, loaded):
+        notes.append(f"the index of space {sp.name!r} is out of date ({loaded.info.get('rows')} vectors indexed, "
+                     f"{len(sp)} in the store, changed ones included): "
+                     + ("" if stale_ok else f"exact search over {len(sp)} vectors instead; ")
+                     + f"run `embedstore index {st.path} --space {sp.name}` to bring it up to date")
+        return loaded if stale_ok else None
     return loaded
 
 
@@ -116,12 +124,13 @@ def knn(sp: Space, queries: np.ndarray, k: int, index: LoadedIndex | None,
         return exact_knn(queries, sp.vectors, sp.rows, k, positions)
     if index is None:
         return exact_knn(queries, sp.vectors, sp.rows, k)
+    search = index_search(sp, index)
     if positions is None:
         with omp_threads(1 if len(queries) == 1 else faiss.omp_get_max_threads()):
-            return index.index.search(queries, k)
+            return search(queries, k)
     allowed = sp.rows[positions]
     wanted = min(len(sp), int(np.ceil(k * len(sp) / max(1, len(positions)) * 2)))
-    scores, rows = index.index.search(queries, wanted)
+    scores, rows = search(queries, wanted)
     out_s = np.full((len(queries), k), -np.inf, np.float32)
     out_r = np.full((len(queries), k), -1, np.int64)
     for i in range(len(queries)):
@@ -134,13 +143,13 @@ def knn(sp: Space, queries: np.ndarray, k: int, index: LoadedIndex | None,
 
 
 def _hits(sp: Space, scores: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
-    valid = rows >= 0
-    pos = np.searchsorted(sp.rows, rows[valid])
-    return [
-        {"path": str(sp.paths[p]), "score": round(float(s), 6), "row": int(r), "label": str(sp.labels[p])}
-        for s, r, p in zip(scores[valid], rows[valid], pos)
-        if p < len(sp.rows) and sp.rows[p] == r  # a stale index may return rows the space no longer has
-    ]
+    """The hits of one query: path and label read for these rows only."""
+    pos = sp.positions_of(rows)
+    ok = (rows >= 0) & (pos >= 0)  # an index may return rows the space no longer has
+    pos = pos[ok]
+    paths, labels = sp.column("path", pos), sp.column("label", pos)
+    return [{"path": str(p), "score": round(float(s), 6), "row": int(r), "label": str(lab)}
+            for s, r, p, lab in zip(scores[ok], rows[ok], paths, labels)]
 
 
 def search(store: str | os.PathLike | Store, *, images: Sequence[str] | None = None,
@@ -187,7 +196,7 @@ def search(store: str | os.PathLike | Store, *, images: Sequence[str] | None = N
     asked, k = k, min(k, available)  # before anything of size k is allocated
     with timed(stages, "queries"):
         q, described = _queries(st, sp, images, rows, paths, vectors, device)
-    selves = self_rows(st, described, images is not None) if exclude_self else [set() for _ in described]
+    selves = self_rows(st, sp, described, images is not None) if exclude_self else [set() for _ in described]
     if exclude_self and vectors is not None:
         notes.append("exclude_self has no effect on vector queries: they are no row of the store")
     extra = max((len(x) for x in selves), default=0)  # rows to ask for beyond k, dropped afterwards
@@ -224,6 +233,9 @@ def _queries(st: Store, sp: Space, images: Sequence[str] | None, rows: Sequence[
              paths: Sequence[str] | None, vectors: np.ndarray | None,
              device: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
     if images is not None:
+        from ..data.collection import expand_images  # PIL: only image queries need it
+
+        _check_has_backbone(sp)
         files = [it.path for it in expand_images(images, what="query image")]
         q, errors = embed_images(sp, files, device=device)
         return q, [{"query": f, "error": e} if e else {"query": f} for f, e in zip(files, errors)]
@@ -236,96 +248,6 @@ def _queries(st: Store, sp: Space, images: Sequence[str] | None, rows: Sequence[
     if paths is not None:
         rows = path_rows(st, paths)
     pos = row_positions(sp, rows)
-    return normalized(sp.vectors, pos), [{"query": str(sp.paths[p]), "row": int(sp.rows[p])} for p in pos]
-
-
-# --------------------------------------------------------------------------- duplicates
-
-
-def duplicates(store: str | os.PathLike | Store, *, threshold: float = DUPLICATES_THRESHOLD, k: int = 10,
-               space: str | None = None) -> dict[str, Any]:
-    """Groups of near-duplicate images: connected components of the k-NN graph cut at ``threshold``.
-
-    Each vector's k nearest neighbours come from the space's index (exact k-NN without one, up to
-    DUPLICATES_EXACT_MAX rows); pairs at cosine >= threshold are edges. Memory is O(n * k), never
-    n x n. An approximate index can miss a pair its recall misses; a group still forms when the
-    images are linked through other members.
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    if not -1 <= threshold <= 1:
-        raise QueryError(f"threshold is a cosine similarity in [-1, 1], not {threshold}")
-    if k < 1:
-        raise QueryError(f"k must be at least 1, not {k}")
-    stages: dict[str, float] = {}
-    notes: list[str] = []
-    with timed(stages, "open_store"):
-        st, sp = _open(store, space)
-    with timed(stages, "load_index"):
-        index = _index_or_none(st, sp, notes)
-    n = len(sp)
-    if k >= n:
-        notes.append(f"k={k}: the space holds {n} images, so each is compared with all {max(0, n - 1)} others")
-    if index is None:
-        if n > DUPLICATES_EXACT_MAX:
-            raise IndexFileError(f"finding duplicates among {n} vectors needs an index: run "
-                                 f"`embedstore index {st.path} --space {sp.name}` first")
-        flat = faiss.IndexFlatIP(sp.dim)
-        for s in iter_chunks(n):
-            flat.add(normalized(sp.vectors, s))
-        graph_index, ids = flat, sp.rows
-    else:
-        graph_index, ids = index.index, None
-    src, dst, sim = [], [], []
-    with timed(stages, "knn_graph"):
-        kk = min(k + 1, n)
-        for s in iter_chunks(n, 8192):
-            scores, found = graph_index.search(normalized(sp.vectors, s), kk)
-            found = ids[np.maximum(found, 0)] if ids is not None else found
-            me = np.repeat(sp.rows[s], kk).reshape(-1, kk)
-            keep = (scores >= threshold) & (found >= 0) & (found != me)
-            src.append(np.broadcast_to(np.arange(s.start, s.stop)[:, None], keep.shape)[keep])
-            dst.append(found[keep])
-            sim.append(scores[keep])
-    with timed(stages, "components"):
-        src_a = np.concatenate(src) if src else np.empty(0, np.int64)
-        dst_rows = np.concatenate(dst) if dst else np.empty(0, np.int64)
-        sims = np.concatenate(sim) if sim else np.empty(0, np.float32)
-        dst_pos = np.searchsorted(sp.rows, dst_rows)
-        valid = (dst_pos < n) & (sp.rows[np.minimum(dst_pos, n - 1)] == dst_rows)
-        src_a, dst_pos, sims = src_a[valid], dst_pos[valid], sims[valid]
-        graph = coo_matrix((np.ones(len(src_a), np.int8), (src_a, dst_pos)), shape=(n, n)).tocsr()
-        _, comp = connected_components(graph, directed=False)
-        groups = _groups(sp, comp, src_a, dst_pos, sims)
-    return {
-        "groups": groups,
-        "threshold": threshold,
-        "k": k,
-        "images": n,
-        "in_groups": int(sum(g["size"] for g in groups)),
-        "space": sp.name,
-        "exact": index is None,
-        "notes": notes,
-        "stages": {key: round(v, 4) for key, v in stages.items()},
-    }
-
-
-def _groups(sp: Space, comp: np.ndarray, src: np.ndarray, dst: np.ndarray, sims: np.ndarray) -> list[dict[str, Any]]:
-    sizes = np.bincount(comp)
-    lowest = np.ones(len(sizes))
-    np.minimum.at(lowest, comp[src], sims)
-    big = np.flatnonzero(sizes > 1)
-    order = np.argsort(comp, kind="stable")
-    starts = np.searchsorted(comp[order], big)
-    out = [_group(sp, order[b : b + sizes[c]], float(lowest[c])) for b, c in zip(starts, big)]
-    out.sort(key=lambda g: (-g["size"], g["members"][0]["row"]))
-    return out
-
-
-def _group(sp: Space, members: np.ndarray, lowest: float) -> dict[str, Any]:
-    return {
-        "size": int(len(members)),
-        "min_score": round(lowest, 6),
-        "members": [{"path": str(sp.paths[p]), "row": int(sp.rows[p]), "label": str(sp.labels[p])} for p in members],
-    }
+    unique, back = np.unique(pos, return_inverse=True)  # read in file order, each once; give back as asked
+    q = normalized(sp.vectors, unique)[back.reshape(-1)]
+    return q, [{"query": str(p), "row": int(r)} for p, r in zip(sp.column("path", pos), rows)]

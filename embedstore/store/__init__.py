@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from .format import FAILURE_COLUMNS, FORMAT, IMAGE_COLUMNS, journal_dir, list_parts, lock_path, write_file
 from .integrity import check_space_compatible, validate_space_name
-from .reader import Space, Store, failure_keys, open_store
+from .keys import path_keys
+from .reader import Space, Store, VectorArray, failure_keys, open_store
 from .writer import Batch, StoreWriter
 
-__all__ = ['Space', 'Store', 'open_store', 'StoreWriter', 'Batch', 'write_file', 'journal_dir', 'lock_path', 'list_parts', 'check_space_compatible', 'failure_keys', 'FAILURE_COLUMNS', 'IMAGE_COLUMNS', 'FORMAT', 'validate_space_name']
+__all__ = ['Space', 'Store', 'VectorArray', 'path_keys', 'open_store', 'StoreWriter', 'Batch', 'write_file', 'journal_dir', 'lock_path', 'list_parts', 'check_space_compatible', 'failure_keys', 'FAILURE_COLUMNS', 'IMAGE_COLUMNS', 'FORMAT', 'validate_space_name']

@@ -1,23 +1,26 @@
-"""The on-disk layout of a store file: names, encoding of columns and attributes, one file read or written.
+"""The on-disk layout of a store file: names, encoding of columns and attributes, writing one whole file.
 
-Layout of ``FILE.h5``::
+Layout of ``FILE.h5`` (format ``embedstore/2``; ``embedstore/1`` files are read too)::
 
-    attrs                      format, root, journal_seq, created
-    images/{path,label,split,size,hash,mtime}   one row per image, path relative to root
-    spaces/<name>/vectors      (n, dim) float16 by default; chunked, resizable
+    attrs                      format, root, uuid, journal_seq, created
+    images/path, images/hash   one variable-length string per image, path relative to root
+    images/key                 uint64: BLAKE2b-64 of the path (``keys.path_keys``), for lookups
+    images/label, images/split int32 codes, -1 = none; the names are the dataset's ``categories`` attribute
+    images/size, images/mtime  int64, float64
+    spaces/<name>/vectors      (n, dim) float16 by default; chunked (~64 KiB), resizable
     spaces/<name>/rows         (n,) row of each vector in the images table
-    spaces/<name>.attrs        backbone, weights_sha256, preprocessing, pooling, dim, versions, created
+    spaces/<name>/version      (n,) the journal sequence number at which each vector was written
+    spaces/<name>.attrs        backbone, weights_sha256, preprocessing, pooling, dim, generation, ...
     failures/{path,space,error,message,size,mtime}
 
 Beside it: ``FILE.h5.journal/part-NNNNNNNNNN.h5`` (published batches, same layout) and
-``FILE.h5.lock`` (the writer's lock).
+``FILE.h5.lock`` (the writer's lock). Format 1 stored labels and splits as strings and had no
+``key`` or ``version``: readers derive them; the next consolidation writes format 2.
 
-Crash safety: :func:`write_file` builds the whole HDF5 image in memory and publishes it with
-``_atomic.atomic_write_bytes`` (temporary file beside the target, fsync, ``os.replace``, fsync of the
-folder), so a file is either absent, the old one, or the complete new one; a killed writer leaves
-at most a ``.NAME.tmp-PID`` file, never read. Reading opens files read-only and refuses a damaged
-file whole (``integrity.check_file``) with a ``StoreError`` naming it and the fix; a rows-only read
-(for planning) runs every check but the vector scan, which every read with vectors still runs.
+Crash safety: :func:`write_file` builds a small file (a journal part) in memory and publishes it
+with ``_atomic.atomic_write_bytes`` (temporary file beside the target, fsync, ``os.replace``, fsync
+of the folder), so a file is either absent, the old one, or the complete new one. Large files are
+written by ``fold`` into a temporary file, published the same way. Nothing here edits a published file.
 """
 from __future__ import annotations
 
@@ -35,12 +38,16 @@ import numpy as np
 
 from .._atomic import atomic_write_bytes
 from ..errors import StoreError
-from .integrity import check_file
+from .keys import path_keys
 
-FORMAT = "embedstore/1"
+FORMAT = "embedstore/2"
+READABLE = ("embedstore/1", FORMAT)
 IMAGE_COLUMNS = ("path", "label", "split", "size", "hash", "mtime")
+CATEGORICAL = ("label", "split")
 FAILURE_COLUMNS = ("path", "space", "error", "message", "size", "mtime")
 _STR_COLUMNS = {"path", "label", "split", "hash", "space", "error", "message"}
+VECTOR_CHUNK_BYTES = 1 << 16  # small chunks: reading one row costs one 64 KiB chunk
+COLUMN_CHUNK = 1 << 16
 _PART_RE = re.compile(r"^part-(\d{10})\.h5$")
 
 SpaceData = tuple[dict[str, Any], np.ndarray, np.ndarray]  # attrs, rows, vectors
@@ -77,18 +84,11 @@ def list_parts(path: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-# --------------------------------------------------------------------------- reading one file
+# --------------------------------------------------------------------------- attributes and columns
 
 
-@dataclass
-class _FileData:
-    attrs: dict[str, Any]
-    images: dict[str, np.ndarray]
-    failures: dict[str, np.ndarray]
-    spaces: dict[str, SpaceData]
-
-
-def _decode_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
+def decode_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
+    """HDF5 attributes as Python values (JSON-encoded lists and dicts decoded)."""
     out = {}
     for k, v in attrs.items():
         if isinstance(v, bytes):
@@ -104,17 +104,44 @@ def _decode_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
     return out
 
 
+def write_attrs(target: h5py.AttributeManager, attrs: dict[str, Any]) -> None:
+    """Store ``attrs`` (None skipped; lists and dicts as JSON)."""
+    for k, v in attrs.items():
+        if v is None:
+            continue
+        target[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+
+
 def column_dtype(column: str) -> type:
     """The in-memory type of an images/failures column: ``object`` (str), ``int64`` (size) or ``float64``."""
     return object if column in _STR_COLUMNS else (np.int64 if column == "size" else np.float64)
 
 
-def _read_columns(group: h5py.Group, columns: Sequence[str]) -> dict[str, np.ndarray]:
-    return {c: np.asarray(group[c].asstr()[()], dtype=object) if c in _STR_COLUMNS else group[c][()]
-            for c in columns}
+def encode_categories(values: Sequence[Any], names: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """int32 codes of string values ("" or None = -1) and the names, extending ``names`` if given."""
+    names = list(names or [])
+    known = {n: i for i, n in enumerate(names)}
+    codes = np.empty(len(values), dtype=np.int32)
+    for j, v in enumerate(values):
+        v = "" if v is None else str(v)
+        if not v:
+            codes[j] = -1
+            continue
+        i = known.get(v)
+        if i is None:
+            i = known[v] = len(names)
+            names.append(v)
+        codes[j] = i
+    return codes, names
 
 
-def _unreadable(path: Path, e: Exception) -> Exception:
+def decode_categories(codes: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """Object array of the names of ``codes`` ("" for -1)."""
+    table = np.array(list(names) + [""], dtype=object)
+    return table[np.where(codes < 0, len(names), codes)]
+
+
+def unreadable(path: Path, e: Exception) -> Exception:
     """The error for a store file that h5py cannot read: missing, or damaged (naming the fix)."""
     if not path.exists():
         return FileNotFoundError(str(path))
@@ -124,72 +151,79 @@ def _unreadable(path: Path, e: Exception) -> Exception:
     )
 
 
-def _read_file(path: Path, vectors: bool = True) -> _FileData:
-    """One store file, checked whole (``integrity.check_file``).
-
-    ``vectors=False``: a rows-only read for planning. The ``vectors`` datasets are not read (only
-    their shape and type, from the HDF5 header), so every check but the NaN/Inf/zero scan still
-    runs; each space's vectors come back as an empty ``(n, 0)`` array of the stored dtype.
-    """
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            attrs = _decode_attrs(f.attrs)
-            if attrs.get("format") != FORMAT:
-                raise StoreError(f"{path} is not an embedstore file (format={attrs.get('format')!r}): it was "
-                                 "written by another program; give --store another path, or move it aside")
-            images = _read_columns(f["images"], IMAGE_COLUMNS)
-            failures = _read_columns(f["failures"], FAILURE_COLUMNS)
-            spaces = {}
-            for name, g in f["spaces"].items():
-                missing = [d for d in ("rows", "vectors") if not isinstance(g.get(d), h5py.Dataset)]
-                if missing:
-                    raise StoreError(f"{path}: spaces/{name} has no {' or '.join(missing)} dataset; the file is "
-                                     "damaged: restore it from a backup, or move it aside and run `embedstore embed` again")
-                spaces[name] = (_decode_attrs(g.attrs), g["rows"][()], g["vectors"][()] if vectors else g["vectors"])
-            if not vectors:  # checked against the datasets' headers while the file is open
-                check_file(path, attrs, images, failures, spaces, scan_vectors=False)
-                spaces = {n: (a, r, np.empty((len(v), 0), v.dtype)) for n, (a, r, v) in spaces.items()}
-        if vectors:
-            check_file(path, attrs, images, failures, spaces)
-    except (FileNotFoundError, StoreError):
-        raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        raise _unreadable(path, e) from e
-    return _FileData(attrs, images, failures, spaces)
-
-
-def _read_attrs(path: Path) -> dict[str, Any]:
+def read_attrs(path: Path) -> dict[str, Any]:
     """The file-level attributes of a store file, without reading its arrays."""
     try:
         with h5py.File(path, "r", locking=False) as f:
-            return _decode_attrs(f.attrs)
+            return decode_attrs(f.attrs)
     except (OSError, KeyError, ValueError) as e:
-        raise _unreadable(path, e) from e
+        raise unreadable(path, e) from e
 
 
-# --------------------------------------------------------------------------- writing one file
+# --------------------------------------------------------------------------- writing
 
 
-def _write_columns(group: h5py.Group, columns: Sequence[str], data: dict[str, Sequence]) -> None:
+def chunk_rows(n: int, cap: int) -> int:
+    """Chunk length: the whole dataset when small (journal parts stay small), else ``cap``.
+
+    An empty dataset (a main file about to be filled) gets up to 4096 rows: small stores stay small.
+    """
+    return max(1, min(n, cap)) if n else min(cap, 4096)
+
+
+def vector_chunk(dim: int, dtype: np.dtype) -> int:
+    """Rows per chunk of a vectors dataset (~64 KiB)."""
+    return max(1, VECTOR_CHUNK_BYTES // max(1, dim * np.dtype(dtype).itemsize))
+
+
+def create_columns(group: h5py.Group, columns: Sequence[str], n: int, data: dict[str, Sequence] | None = None,
+                   expected: int = 0) -> None:
+    """The images (or failures) datasets of ``n`` rows, filled from ``data`` when given (strings encoded).
+
+    ``expected``: the rows an empty dataset is about to receive (its chunk size follows).
+    """
+    chunk = chunk_rows(n or expected, COLUMN_CHUNK)
     for c in columns:
-        values = data[c]
-        if c in _STR_COLUMNS:
-            arr = np.array([str(v) for v in values], dtype=h5py.string_dtype())
+        values = None if data is None else data[c]
+        if c in CATEGORICAL and columns == IMAGE_COLUMNS:
+            codes, names = encode_categories(values if values is not None else [])
+            ds = group.create_dataset(c, data=codes if values is not None else None, shape=(n,), dtype=np.int32,
+                                      maxshape=(None,), chunks=(chunk,))
+            ds.attrs["categories"] = json.dumps(names)
+        elif c in _STR_COLUMNS:
+            arr = None if values is None else np.array([str(v) for v in values], dtype=h5py.string_dtype())
+            group.create_dataset(c, data=arr, shape=(n,), dtype=h5py.string_dtype(), maxshape=(None,), chunks=(chunk,))
         else:
-            arr = np.asarray(values, dtype=column_dtype(c))
-        group.create_dataset(c, data=arr, maxshape=(None,), chunks=(_chunk_rows(len(arr), 4096),))
+            arr = None if values is None else np.asarray(values, dtype=column_dtype(c))
+            group.create_dataset(c, data=arr, shape=(n,), dtype=column_dtype(c), maxshape=(None,), chunks=(chunk,))
+    if columns == IMAGE_COLUMNS:
+        keys = None if data is None else path_keys(data["path"])
+        group.create_dataset("key", data=keys, shape=(n,), dtype=np.uint64, maxshape=(None,), chunks=(chunk,))
 
 
-def _write_attrs(target: h5py.AttributeManager, attrs: dict[str, Any]) -> None:
-    for k, v in attrs.items():
-        if v is None:
-            continue
-        target[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+def create_space(group: h5py.Group, name: str, attrs: dict[str, Any], n: int, dim: int, dtype: Any,
+                 rows: np.ndarray | None = None, vectors: np.ndarray | None = None,
+                 versions: np.ndarray | None = None, expected: int = 0) -> h5py.Group:
+    """The datasets of one space (``n`` vectors of ``dim``), filled when arrays are given."""
+    g = group.create_group(name)
+    size = n or expected
+    g.create_dataset("vectors", data=vectors, shape=(n, dim), dtype=dtype, maxshape=(None, dim),
+                     chunks=(chunk_rows(size, vector_chunk(dim, dtype)), dim))
+    g.create_dataset("rows", data=None if rows is None else np.asarray(rows, np.int64), shape=(n,), dtype=np.int64,
+                     maxshape=(None,), chunks=(chunk_rows(size, COLUMN_CHUNK),))
+    g.create_dataset("version", data=None if versions is None else np.asarray(versions, np.int64), shape=(n,),
+                     dtype=np.int64, maxshape=(None,), chunks=(chunk_rows(size, COLUMN_CHUNK),))
+    write_attrs(g.attrs, attrs)
+    return g
 
 
-def _chunk_rows(n: int, cap: int) -> int:
-    """Chunk length: the whole dataset when small (journal parts stay small), else ``cap``."""
-    return max(1, min(n, cap))
+def no_space_error(path: Path, e: OSError) -> Exception:
+    """The one-line error for a failed write of a store file (disk full, not writable), or ``e``."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"no space left to write {path}: free disk space and run again; finished work is kept")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StoreError(f"cannot write {path} ({e.strerror}): choose a writable --store location")
+    return e
 
 
 def write_file(
@@ -198,32 +232,27 @@ def write_file(
     images: dict[str, Sequence],
     spaces: dict[str, SpaceData],
     failures: dict[str, Sequence],
+    versions: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """Write a complete store file atomically: temporary file, fsync, rename, fsync folder.
+    """Write a complete (small) store file atomically: temporary file, fsync, rename, fsync folder.
 
     The HDF5 image is built in memory and written with plain file I/O: HDF5 itself can crash
     when the disk fills up while it flushes, whereas a failed ``write`` is an ordinary error.
+    ``versions``: per space, the journal sequence number of each vector (default: ``journal_seq``).
     """
     path = Path(path)
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as f:
-        _write_attrs(f.attrs, {**attrs, "format": FORMAT})
-        _write_columns(f.create_group("images"), IMAGE_COLUMNS, images)
-        _write_columns(f.create_group("failures"), FAILURE_COLUMNS, failures)
+        write_attrs(f.attrs, {**attrs, "format": FORMAT})
+        create_columns(f.create_group("images"), IMAGE_COLUMNS, len(images["path"]), images)
+        create_columns(f.create_group("failures"), FAILURE_COLUMNS, len(failures["path"]), failures)
         sg = f.create_group("spaces")
         for name, (sattrs, rows, vectors) in spaces.items():
-            g = sg.create_group(name)
-            dim = vectors.shape[1]
-            cap = max(1, (1 << 20) // max(1, dim * vectors.dtype.itemsize))  # ~1 MB chunks
-            g.create_dataset("vectors", data=vectors, maxshape=(None, dim), chunks=(_chunk_rows(len(vectors), cap), dim))
-            g.create_dataset("rows", data=np.asarray(rows, np.int64), maxshape=(None,),
-                             chunks=(_chunk_rows(len(rows), 4096),))
-            _write_attrs(g.attrs, sattrs)
+            seq = int(attrs.get("journal_seq", 0) or 0)
+            ver = (versions or {}).get(name)
+            ver = np.full(len(vectors), seq, np.int64) if ver is None else ver
+            create_space(sg, name, sattrs, len(vectors), vectors.shape[1], vectors.dtype, rows, vectors, ver)
     try:
         atomic_write_bytes(path, buffer.getbuffer())
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreError(f"no space left to write {path}: free disk space and run again; finished work is kept") from e
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise StoreError(f"cannot write {path} ({e.strerror}): choose a writable --store location") from e
-        raise
+        raise no_space_error(path, e) from e

@@ -1,4 +1,4 @@
-"""Consistency rules of store files, checked when a file is read and before vectors are written.
+"""Consistency rules of store files, checked as a file is read and before vectors are written.
 
 Crash safety: nothing here writes. A file that breaks a rule is refused whole, with one
 ``StoreError`` naming the file and the damaged dataset, so a damaged file can never shift vectors
@@ -17,7 +17,7 @@ from ..errors import InvalidNameError, StoreError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9._+-]{1,128}$")
 BAD_VECTOR = "BadVector"
-_FIX = "the file is damaged: restore it from a backup, or move it aside and run `embedstore embed` again"
+FIX = "the file is damaged: restore it from a backup, or move it aside and run `embedstore embed` again"
 
 
 def validate_space_name(name: Any) -> str:
@@ -52,34 +52,30 @@ def journal_seq(path: Path, attrs: dict[str, Any]) -> int:
     """The ``journal_seq`` attribute of a store file (0 when absent), refusing anything but an integer >= 0."""
     seq = attrs.get("journal_seq", 0)
     if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or seq < 0:
-        raise StoreError(f"{path}: attribute journal_seq is {seq!r}, not a non-negative integer; {_FIX}")
+        raise StoreError(f"{path}: attribute journal_seq is {seq!r}, not a non-negative integer; {FIX}")
     return int(seq)
 
 
 def check_rows(path: Path, where: str, rows: np.ndarray, n_images: int) -> None:
     """Refuse row ids of a space (``where``) that are not distinct ids into the images table."""
     if rows.ndim != 1 or rows.dtype.kind not in "iu":
-        raise StoreError(f"{path}: {where}/rows is {rows.dtype} of shape {rows.shape}, not a 1-D integer array; {_FIX}")
+        raise StoreError(f"{path}: {where}/rows is {rows.dtype} of shape {rows.shape}, not a 1-D integer array; {FIX}")
     if len(rows):
         lo, hi = int(rows.min()), int(rows.max())
         if lo < 0 or hi >= n_images:
             raise StoreError(f"{path}: {where}/rows holds row ids from {lo} to {hi}, outside the images table "
-                             f"(rows 0 to {n_images - 1}); {_FIX}")
+                             f"(rows 0 to {n_images - 1}); {FIX}")
         uniq, counts = np.unique(rows, return_counts=True)
         if len(uniq) != len(rows):
             raise StoreError(f"{path}: {where}/rows holds {int((counts > 1).sum())} row id(s) more than once "
-                             f"(e.g. {int(uniq[counts > 1][0])}); {_FIX}")
+                             f"(e.g. {int(uniq[counts > 1][0])}); {FIX}")
 
 
 def check_file(path: Path, attrs: dict[str, Any], images: dict[str, np.ndarray], failures: dict[str, np.ndarray],
-               spaces: dict[str, tuple[dict[str, Any], np.ndarray, Any]], scan_vectors: bool = True) -> None:
-    """Refuse a store file (main file or journal part) whose datasets contradict each other.
-
-    A space's vectors may be an array or an open ``h5py.Dataset`` (shape and type only, for a
-    rows-only read with ``scan_vectors=False``: the NaN/Inf/zero scan is then left to readers).
-    """
+               spaces: dict[str, tuple[dict[str, Any], np.ndarray, Any]]) -> None:
+    """Refuse a store file read whole (a journal part) whose datasets contradict each other."""
     def damaged(what: str) -> StoreError:
-        return StoreError(f"{path}: {what}; {_FIX}")
+        return StoreError(f"{path}: {what}; {FIX}")
 
     journal_seq(path, attrs)
     for group, cols in (("images", images), ("failures", failures)):
@@ -101,11 +97,11 @@ def check_file(path: Path, attrs: dict[str, Any], images: dict[str, np.ndarray],
         dim = sattrs.get("dim")
         if dim is not None and dim != vectors.shape[1]:
             raise damaged(f"{where} has attribute dim={dim!r} but its vectors have {vectors.shape[1]} columns")
-        bad = sorted(vector_problems(vectors)) if scan_vectors else []
+        bad = sorted(vector_problems(vectors))
         if bad:
             raise StoreError(
                 f"{path}: {where}/vectors has {len(bad)} vector(s) with NaN/Inf values or all zeros (e.g. row "
-                f"{int(rows[bad[0]])}); {_FIX}"
+                f"{int(rows[bad[0]])}); {FIX}"
             )
 
 

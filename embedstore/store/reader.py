@@ -1,63 +1,326 @@
-"""Reading a store: the main file plus its published journal parts, merged into one ``Store`` snapshot.
+"""Reading a store: the main file (read on demand) plus its published journal parts, as one ``Store``.
+
+Opening reads the main file's header only; its columns and vectors are read when asked, for the
+rows asked. Journal parts (a running job's batches, or what a killed run left) are small and are
+read whole, then applied in order on top of the main file: later rows win, and an image whose
+content changed drops the vectors written before the change.
 
 Crash safety: nothing here writes. A reader opens every file read-only and without HDF5 locking;
-because the writer only ever publishes whole files by atomic rename (``format.write_file``), a
-reader sees the main file plus a consistent prefix of the journal of a running job. When a writer
-folds the journal into the main file while it is being read, the read is simply done again.
+because the writer only ever publishes whole files by atomic rename, an open file never changes
+and a reader sees the main file plus a consistent prefix of the journal of a running job. When a
+writer folds the journal into the main file while a store is being opened, it is opened again.
 """
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import StoreError
-from .format import FAILURE_COLUMNS, IMAGE_COLUMNS, _FileData, _read_file, column_dtype, journal_dir, list_parts
+from .format import CATEGORICAL, FAILURE_COLUMNS, IMAGE_COLUMNS, column_dtype, encode_categories, journal_dir, list_parts
 from .integrity import check_space_compatible
+from .keys import KeyIndex, path_keys
+from .mainfile import StoreFile
+from .space import Space, VectorArray, _Images
+
+__all__ = ["Space", "Store", "VectorArray", "open_store", "failure_keys"]
 
 
-@dataclass
-class Space:
-    """One embedding space: vectors with the image rows they belong to."""
-
-    name: str
-    attrs: dict[str, Any]
-    rows: np.ndarray  # (n,) int64 rows into the store's images table
-    vectors: np.ndarray  # (n, dim)
-    paths: np.ndarray  # (n,) relative paths, aligned with vectors
-    labels: np.ndarray
-    splits: np.ndarray
-
-    @property
-    def dim(self) -> int:
-        return int(self.vectors.shape[1])
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __repr__(self) -> str:
-        return (f"<Space {self.name!r}: {len(self)} vectors of dim {self.dim} ({self.vectors.dtype}), "
-                f"backbone {self.attrs.get('backbone')!r}>")
-
-
-@dataclass
 class Store:
-    """A read-only snapshot of a store (main file plus published journal parts)."""
+    """A read-only snapshot of a store (main file plus published journal parts), read on demand."""
 
-    path: Path
-    root: str
-    images: dict[str, np.ndarray]
-    failures: list[dict[str, Any]]
-    spaces: dict[str, Space]
-    journal_parts: int = 0
+    def __init__(self, path: Path, main: StoreFile | None, parts: list[tuple[int, StoreFile]]) -> None:
+        self.path, self._main, self._parts = path, main, parts
+        self.journal_parts = len(parts)
+        first = main if main is not None else (parts[0][1] if parts else None)
+        attrs = first.attrs if first is not None else {}
+        self.root = str(attrs.get("root", ""))
+        self.uuid = str(attrs.get("uuid", "") or "")  # "" for files written before stores had an identity
+        base = main.journal_seq if main is not None else 0
+        self.generation = max([base] + [s for s, _ in parts])
+        self._n_main = main.n_images if main is not None else 0
+        self._index: KeyIndex | None = None
+        self._apply_parts()
+        self.images = _Images(self)
+        self.spaces = {name: self._space(name) for name in self._space_attrs}
+
+    # ----------------------------------------------------------------------- journal parts
+
+    def _key_index(self) -> KeyIndex:
+        if self._index is None:
+            self._index = KeyIndex()
+            if self._main is not None:
+                self._index.add(self._main.keys(), np.arange(self._n_main))
+        return self._index
+
+    def _apply_parts(self) -> None:
+        main = self._main
+        self._space_attrs = {n: sp.attrs for n, sp in (main.spaces.items() if main else [])}
+        self._failures = {}
+        if main is not None:
+            f = main.failures()
+            for j in range(len(f["path"])):
+                rec = {c: f[c][j] for c in FAILURE_COLUMNS}
+                self._failures[(rec["path"], rec["space"])] = rec
+        self._slot: dict[int, int] = {}  # row -> slot in the overlay columns
+        self._ov: dict[str, list] = {c: [] for c in IMAGE_COLUMNS}
+        self._changed: dict[int, int] = {}  # row -> seq at which its content last changed
+        self._chunks: dict[str, list[tuple[np.ndarray, np.ndarray, int]]] = {}
+        self.n_images = self._n_main
+        for seq, part in self._parts:
+            images, failures, spaces = part.read_all()
+            keep = set(part.attrs.get("keep_columns") or ())  # columns this part leaves as stored
+            paths = images["path"]
+            rows = self._rows_for(paths)
+            old_hash = np.full(len(rows), None, dtype=object)
+            known = np.flatnonzero(rows >= 0)
+            from_main = known[[int(rows[j]) not in self._slot for j in known.tolist()]] if len(known) else known
+            if len(from_main):
+                old_hash[from_main] = self._main.column("hash", rows[from_main])
+            for j in np.setdiff1d(known, from_main).tolist():
+                old_hash[j] = self._ov["hash"][self._slot[int(rows[j])]]
+            fresh: dict[str, int] = {}
+            for j in np.flatnonzero(rows < 0).tolist():  # new images: the next row ids, in order
+                rows[j] = fresh.setdefault(paths[j], self.n_images + len(fresh))
+            if fresh:
+                self._key_index().add(path_keys(list(fresh)), np.fromiter(fresh.values(), np.int64, len(fresh)))
+                self.n_images += len(fresh)
+            for j, row in enumerate(rows.tolist()):
+                existing = old_hash[j] is not None
+                if existing and "hash" not in keep and old_hash[j] != images["hash"][j]:
+                    self._changed[row] = seq
+                slot = self._slot.get(row)
+                if slot is None:
+                    values = [self._value(c, row) if existing and c in keep else images[c][j] for c in IMAGE_COLUMNS]
+                    self._slot[row] = len(self._ov["path"])
+                    for c, v in zip(IMAGE_COLUMNS, values):
+                        self._ov[c].append(v)
+                else:
+                    for c in IMAGE_COLUMNS:
+                        if not (c in keep and existing):
+                            self._ov[c][slot] = images[c][j]
+            for name, (attrs, local, vectors, _) in spaces.items():
+                if name in self._space_attrs:
+                    check_space_compatible(self._space_attrs[name], attrs, name)
+                else:
+                    self._space_attrs[name] = attrs
+                mapped = rows[local] if len(local) else np.empty(0, np.int64)
+                self._chunks.setdefault(name, []).append((mapped, vectors, seq))
+                if self._failures:
+                    for p in paths[local].tolist():
+                        self._failures.pop((p, name), None)
+            for j in range(len(failures["path"])):
+                rec = {c: failures[c][j] for c in FAILURE_COLUMNS}
+                self._failures[(rec["path"], rec["space"])] = rec
+        self.failures = list(self._failures.values())
+        ov_rows = np.fromiter(self._slot.keys(), np.int64, len(self._slot))
+        order = np.argsort(ov_rows)
+        self._ov_rows, self._ov_slots = ov_rows[order], np.fromiter(self._slot.values(), np.int64, len(self._slot))[order]
+        self._ov_arrays = {c: np.array(v, dtype=column_dtype(c)) if v else np.empty(0, column_dtype(c))
+                           for c, v in self._ov.items()}
+
+    def _value(self, column: str, row: int) -> Any:
+        slot = self._slot.get(row)
+        if slot is not None:
+            return self._ov[column][slot]
+        return self._main.column(column, np.array([row]))[0] if row < self._n_main else None
+
+    def _rows_for(self, paths: Any) -> np.ndarray:
+        """Rows of ``paths`` among the main file and the parts applied so far (-1 = new)."""
+        paths = list(paths)
+        found = self._key_index().lookup(path_keys(paths)) if paths else np.empty(0, np.int64)
+        hit = np.flatnonzero(found >= 0)
+        if len(hit):  # confirm: a key collision never maps a path to a wrong row
+            stored = np.empty(len(hit), dtype=object)
+            in_ov = np.array([int(found[j]) in self._slot for j in hit.tolist()], dtype=bool)
+            if (~in_ov).any():
+                stored[~in_ov] = self._main.column("path", found[hit[~in_ov]])
+            for i in np.flatnonzero(in_ov).tolist():
+                stored[i] = self._ov["path"][self._slot[int(found[hit[i]])]]
+            for i in np.flatnonzero(stored != np.array(paths, dtype=object)[hit]).tolist():
+                found[hit[i]] = self._scan_for(paths[hit[i]])
+        return found
+
+    def _scan_for(self, path: str) -> int:
+        for row, slot in self._slot.items():
+            if self._ov["path"][slot] == path:
+                return row
+        if self._main is not None:
+            hits = np.flatnonzero(self._main.column("path") == path)
+            if len(hits):
+                return int(hits[0])
+        return -1
+
+    # ----------------------------------------------------------------------- spaces
+
+    def _space(self, name: str) -> Space:
+        main = self._main
+        ms = main.spaces.get(name) if main is not None else None
+        attrs = self._space_attrs[name]
+        chunks = self._chunks.get(name, [])
+        dim = int(attrs.get("dim") or (ms.vectors.shape[1] if ms is not None else chunks[0][1].shape[1]))
+        dtype = ms.vectors.dtype if ms is not None else (chunks[0][1].dtype if chunks else np.float16)
+        generation = int(ms.attrs.get("generation", main.journal_seq)) if ms is not None else 0
+        rows = np.concatenate([c[0] for c in chunks]) if chunks else np.empty(0, np.int64)
+        vectors = np.concatenate([c[1] for c in chunks]) if chunks else np.empty((0, dim), dtype)
+        seqs = np.concatenate([np.full(len(c[0]), c[2], np.int64) for c in chunks]) if chunks else rows
+        keep = np.zeros(len(rows), bool)
+        if len(rows):
+            _, last = np.unique(rows[::-1], return_index=True)  # the last vector of each row wins
+            keep[len(rows) - 1 - last] = True
+            if self._changed:
+                changed = np.array([self._changed.get(r, -1) for r in rows.tolist()])
+                keep &= seqs >= changed
+            generation = max(generation, int(seqs.max()))
+        order = np.argsort(rows[keep], kind="stable")
+        rows, vectors, seqs = rows[keep][order], vectors[keep][order], seqs[keep][order]
+        main_keep = None
+        if ms is not None and (len(rows) or self._changed):
+            touched = np.union1d(rows, np.fromiter(self._changed, np.int64, len(self._changed)))
+            main_rows = main.space_rows(ms)
+            drop = np.isin(main_rows, touched)
+            if drop.any():
+                main_keep = np.flatnonzero(~drop)
+                generation = max([generation] + [self._changed[r] for r in main_rows[drop].tolist() if r in self._changed])
+        array = VectorArray(main, ms, main_keep, vectors)
+        extra_rows, extra_seqs = rows, seqs
+
+        def all_rows() -> np.ndarray:
+            base = main.space_rows(ms) if ms is not None else np.empty(0, np.int64)
+            return np.concatenate([base if main_keep is None else base[main_keep], extra_rows])
+
+        def all_versions() -> np.ndarray:
+            base = main.space_versions(ms) if ms is not None else np.empty(0, np.int64)
+            return np.concatenate([base if main_keep is None else base[main_keep], extra_seqs])
+
+        return Space(name, attrs, all_rows, array, all_versions, self, generation)
+
+    def space(self, name: str | None = None) -> Space:
+        """Return the space called ``name``; without a name, the first frozen space.
+
+        Frozen spaces (embedded by a backbone as published) come before fine-tuned ones, so
+        adding a fine-tuned space never changes what the default means.
+        """
+        if not self.spaces:
+            raise StoreError(f"{self.path} has no embedding space yet: run `embedstore embed FOLDER --store {self.path}`")
+        if name is None:  # embedded by a backbone first, then imported vectors, then fine-tuned spaces
+            ranked = sorted(self.spaces.values(), key=lambda sp: (bool(sp.attrs.get("parent_space")),
+                                                                  sp.attrs.get("backbone") == "imported"))
+            return ranked[0]
+        if name not in self.spaces:
+            raise StoreError(f"{self.path} has no space {name!r}; it has: {', '.join(self.spaces)}")
+        return self.spaces[name]
+
+    # ----------------------------------------------------------------------- images table
+
+    def _overlaid(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mask of ``rows`` the journal overrides, their slots in the overlay columns)."""
+        if not len(self._ov_rows):
+            return np.zeros(len(rows), bool), np.empty(0, np.int64)
+        at = np.minimum(np.searchsorted(self._ov_rows, rows), len(self._ov_rows) - 1)
+        hit = self._ov_rows[at] == rows
+        return hit, self._ov_slots[at[hit]]
+
+    def image_column(self, name: str, rows: Any = None) -> np.ndarray:
+        """Images column ``name`` at ``rows`` (the whole table when None), strings as an object array."""
+        if name not in IMAGE_COLUMNS:
+            raise StoreError(f"no image column {name!r}: choose one of {', '.join(IMAGE_COLUMNS)}")
+        whole = rows is None
+        rows = np.arange(self.n_images) if whole else np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty(len(rows), dtype=column_dtype(name))
+        in_main = rows < self._n_main
+        if in_main.any():
+            out[in_main] = self._main.column(name, None if whole and in_main.all() else rows[in_main])
+        hit, slots = self._overlaid(rows)
+        out[hit] = self._ov_arrays[name][slots]
+        return out
+
+    def image_codes(self, name: str, rows: Any = None) -> tuple[np.ndarray, list[str]]:
+        """(int32 codes, names) of ``label`` or ``split`` at ``rows`` (all when None); -1 = none."""
+        if name not in CATEGORICAL:
+            raise StoreError(f"column {name!r} is not categorical: use 'label' or 'split'")
+        rows = np.arange(self.n_images) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        codes = np.full(len(rows), -1, np.int32)
+        names: list[str] = self._main.categories(name) if self._main is not None else []
+        in_main = rows < self._n_main
+        if in_main.any():
+            codes[in_main], names = self._main.codes(name, rows[in_main])
+        hit, slots = self._overlaid(rows)
+        if hit.any():
+            codes[hit], names = encode_categories(self._ov_arrays[name][slots].tolist(), names)
+        return codes, names
+
+    def rows_of(self, paths: Any) -> np.ndarray:
+        """Row of each stored (relative) path in the images table, -1 where the store has no such image."""
+        paths = [str(p) for p in paths]
+        if not paths:
+            return np.empty(0, np.int64)
+        if self._index is None and len(paths) <= 16 and self._main is not None:
+            keys, main_keys = path_keys(paths), self._main.keys()
+            found = np.array([(np.flatnonzero(main_keys == k)[:1].tolist() or [-1])[0] for k in keys], np.int64)
+            for j, p in enumerate(paths):  # rows the journal added or renamed
+                if found[j] < 0 and self._slot:
+                    found[j] = self._scan_for(p)
+            for j in np.flatnonzero(found >= 0).tolist():
+                if self._value("path", int(found[j])) != paths[j]:
+                    found[j] = self._scan_for(paths[j])
+            return found
+        return self._rows_for(paths)
+
+    # ----------------------------------------------------------------------- the rest
 
     @property
-    def n_images(self) -> int:
-        return len(self.images["path"])
+    def files(self) -> list[StoreFile]:
+        return ([self._main] if self._main is not None else []) + [p for _, p in self._parts]
+
+    def close(self) -> None:
+        """Close the store's files (arrays already read stay usable)."""
+        for f in self.files:
+            f.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def abspath(self, rel: str) -> str:
+        """Absolute path of an image given its stored (relative) path."""
+        return rel if os.path.isabs(rel) else os.path.join(self.root, rel)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready description (what ``embedstore info --json`` prints); reads no vectors."""
+        counts = {}
+        for c in CATEGORICAL:
+            codes, names = self.image_codes(c)
+            n = np.bincount(codes[codes >= 0], minlength=len(names)) if len(names) else []
+            counts[c] = {names[i]: int(n[i]) for i in np.argsort(names) if n[i]}
+        return {
+            "store": str(self.path),
+            "root": self.root,
+            "images": self.n_images,
+            "failures": len(self.failures),
+            "labels": counts["label"],
+            "splits": counts["split"],
+            "journal_parts": self.journal_parts,
+            "generation": self.generation,
+            "spaces": [
+                {
+                    "name": s.name,
+                    "backbone": s.attrs.get("backbone"),
+                    "dim": s.dim,
+                    "rows": len(s),
+                    "dtype": str(s.vectors.dtype),
+                    "weights_sha256": s.attrs.get("weights_sha256"),
+                    "created": s.attrs.get("created"),
+                    "generation": s.generation,
+                }
+                for s in self.spaces.values()
+            ],
+        }
 
     def __repr__(self) -> str:
         lines = [f"<Store {str(self.path)!r}: {self.n_images} images, {len(self.failures)} failures, "
@@ -68,64 +331,17 @@ class Store:
             lines.append(f"  ... {len(self.spaces) - 20} more")
         return "\n".join(lines) + ">"
 
-    def space(self, name: str | None = None) -> Space:
-        """Return the space called ``name``; without a name, the first frozen space.
 
-        Frozen spaces (embedded by a backbone as published) come before fine-tuned ones, so
-        adding a fine-tuned space never changes what the default means.
-        """
-        if not self.spaces:
-            raise StoreError(f"{self.path} has no embedding space yet: run `embedstore embed FOLDER --store {self.path}`")
-        if name is None:
-            frozen = [sp for sp in self.spaces.values() if not sp.attrs.get("parent_space")]
-            return (frozen or list(self.spaces.values()))[0]
-        if name not in self.spaces:
-            raise StoreError(f"{self.path} has no space {name!r}; it has: {', '.join(self.spaces)}")
-        return self.spaces[name]
+def open_store(path: str | os.PathLike, retries: int = 5) -> Store:
+    """Open a store for reading: the main file's header plus any published journal parts.
 
-    def abspath(self, rel: str) -> str:
-        """Absolute path of an image given its stored (relative) path."""
-        return rel if os.path.isabs(rel) else os.path.join(self.root, rel)
-
-    def summary(self) -> dict[str, Any]:
-        """A JSON-ready description (what ``embedstore info --json`` prints)."""
-        labels = [x for x in self.images["label"] if x]
-        splits = [x for x in self.images["split"] if x]
-        return {
-            "store": str(self.path),
-            "root": self.root,
-            "images": self.n_images,
-            "failures": len(self.failures),
-            "labels": {k: int(v) for k, v in zip(*np.unique(labels, return_counts=True))} if labels else {},
-            "splits": {k: int(v) for k, v in zip(*np.unique(splits, return_counts=True))} if splits else {},
-            "journal_parts": self.journal_parts,
-            "spaces": [
-                {
-                    "name": s.name,
-                    "backbone": s.attrs.get("backbone"),
-                    "dim": s.dim,
-                    "rows": len(s),
-                    "dtype": str(s.vectors.dtype),
-                    "weights_sha256": s.attrs.get("weights_sha256"),
-                    "created": s.attrs.get("created"),
-                }
-                for s in self.spaces.values()
-            ],
-        }
-
-
-def open_store(path: str | os.PathLike, retries: int = 5, *, vectors: bool = True) -> Store:
-    """Open a store for reading: the main file plus any published journal parts.
-
-    Raises ``FileNotFoundError`` when there is no store and ``StoreError`` when it is unreadable.
-    ``vectors=False``: a rows-only view for planning (attributes, images, failures, each space's
-    attrs and rows; every check but the vector scan), reading no ``vectors`` dataset: its spaces'
-    ``vectors`` are empty ``(n, 0)`` arrays of the stored dtype, so ``Space.dim`` is 0 there.
+    Reads no vectors: ``Space.vectors`` reads rows when indexed. Raises ``FileNotFoundError``
+    when there is no store and ``StoreError`` when it is unreadable.
     """
     path = Path(path)
     for attempt in range(retries):
         try:
-            return _read_snapshot(path, vectors)
+            return _read_snapshot(path)
         except FileNotFoundError:
             # a writer folded the journal into the main file while we read it: read again
             if attempt == retries - 1 or not (path.exists() or journal_dir(path).exists()):
@@ -134,114 +350,25 @@ def open_store(path: str | os.PathLike, retries: int = 5, *, vectors: bool = Tru
     raise AssertionError("unreachable")
 
 
-def _read_snapshot(path: Path, vectors: bool = True) -> Store:
+def _read_snapshot(path: Path) -> Store:
     if not path.exists() and not journal_dir(path).exists():
-        raise FileNotFoundError(
-            f"no store at {path}: create one with `embedstore embed FOLDER --store {path}`"
-        )
-    state = _State()
-    if path.exists():
-        state.apply(_read_file(path, vectors), seq=0)
-    base_seq = state.journal_seq
-    parts = [(s, p) for s, p in list_parts(path) if s > base_seq]
-    for seq, part in parts:
-        state.apply(_read_file(part, vectors), seq=seq)
-    return state.to_store(path, journal_parts=len(parts))
-
-
-# --------------------------------------------------------------------------- merging
-
-
-class _State:
-    """Accumulates the main file and journal parts in order; later rows win."""
-
-    def __init__(self) -> None:
-        self.attrs: dict[str, Any] = {}
-        self.journal_seq = 0
-        self.cols: dict[str, list] = {c: [] for c in IMAGE_COLUMNS}
-        self.index: dict[str, int] = {}
-        self.changed_seq: dict[int, int] = {}  # row -> seq at which its content last changed
-        self.space_attrs: dict[str, dict[str, Any]] = {}
-        self.chunks: dict[str, list[tuple[np.ndarray, np.ndarray, int]]] = {}
-        self.failures: dict[tuple[str, str], dict[str, Any]] = {}
-
-    def apply(self, data: _FileData, seq: int) -> None:
-        if seq == 0:
-            self.attrs = dict(data.attrs)
-            self.journal_seq = int(self.attrs.get("journal_seq", 0))  # checked by check_file
-        elif not self.attrs:
-            self.attrs = {k: v for k, v in data.attrs.items() if k != "journal_seq"}
-        mapping = np.empty(len(data.images["path"]), dtype=np.int64)
-        for j, p in enumerate(data.images["path"]):
-            i = self.index.get(p)
-            if i is None:
-                i = self.index[p] = len(self.cols["path"])
-                for c in IMAGE_COLUMNS:
-                    self.cols[c].append(data.images[c][j])
-            else:
-                if self.cols["hash"][i] != data.images["hash"][j]:
-                    self.changed_seq[i] = seq
-                for c in IMAGE_COLUMNS:
-                    self.cols[c][i] = data.images[c][j]
-            mapping[j] = i
-        for name, (attrs, rows, vectors) in data.spaces.items():
-            if name in self.space_attrs:
-                check_space_compatible(self.space_attrs[name], attrs, name)
-            else:
-                self.space_attrs[name] = attrs
-            mapped = mapping[rows] if len(rows) else rows.astype(np.int64)
-            self.chunks.setdefault(name, []).append((mapped, vectors, seq))
-            for r in mapped:
-                self.failures.pop((self.cols["path"][r], name), None)
-        for j in range(len(data.failures["path"])):
-            rec = {c: data.failures[c][j] for c in FAILURE_COLUMNS}
-            self.failures[(rec["path"], rec["space"])] = rec
-
-    def images(self) -> dict[str, np.ndarray]:
-        out = {}
-        for c in IMAGE_COLUMNS:
-            dtype = column_dtype(c)
-            out[c] = np.array(self.cols[c], dtype=dtype) if self.cols[c] else np.empty(0, dtype=dtype)
-        return out
-
-    def space_arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """The surviving (rows, vectors) of a space: last vector per row, stale ones dropped."""
-        chunks = self.chunks.get(name, [])
-        dim = int(self.space_attrs[name]["dim"])
-        if not chunks:
-            return np.empty(0, np.int64), np.empty((0, dim), np.float16)
-        rows = np.concatenate([c[0] for c in chunks])
-        vectors = np.concatenate([c[1] for c in chunks])
-        seqs = np.concatenate([np.full(len(c[0]), c[2], dtype=np.int64) for c in chunks])
-        keep = np.ones(len(rows), dtype=bool)
-        if self.changed_seq:
-            changed = np.array([self.changed_seq.get(int(r), -1) for r in rows])
-            keep &= seqs >= changed
-        # last occurrence of each row wins
-        rev_rows = rows[::-1]
-        _, first_in_rev = np.unique(rev_rows, return_index=True)
-        last = np.zeros(len(rows), dtype=bool)
-        last[len(rows) - 1 - first_in_rev] = True
-        keep &= last
-        order = np.argsort(rows[keep], kind="stable")
-        return rows[keep][order], vectors[keep][order]
-
-    def to_store(self, path: Path, journal_parts: int) -> Store:
-        images = self.images()
-        spaces = {}
-        for name, attrs in self.space_attrs.items():
-            rows, vectors = self.space_arrays(name)
-            spaces[name] = Space(
-                name, attrs, rows, vectors, images["path"][rows], images["label"][rows], images["split"][rows]
-            )
-        return Store(
-            path=path,
-            root=str(self.attrs.get("root", "")),
-            images=images,
-            failures=list(self.failures.values()),
-            spaces=spaces,
-            journal_parts=journal_parts,
-        )
+        raise FileNotFoundError(f"no store at {path}: create one with `embedstore embed FOLDER --store {path}`")
+    opened: list[StoreFile] = []
+    try:
+        main = StoreFile(path) if path.exists() else None
+        if main is not None:
+            opened.append(main)
+        base_seq = main.journal_seq if main is not None else 0
+        parts = []
+        for seq, p in list_parts(path):
+            if seq > base_seq:
+                parts.append((seq, StoreFile(p)))
+                opened.append(parts[-1][1])
+        return Store(path, main, parts)
+    except BaseException:
+        for f in opened:
+            f.close()
+        raise
 
 
 def failure_keys(store: Store | None) -> dict[tuple[str, str], tuple[int, float]]:
@@ -249,4 +376,3 @@ def failure_keys(store: Store | None) -> dict[tuple[str, str], tuple[int, float]
     if store is None:
         return {}
     return {(f["path"], f["space"]): (int(f["size"]), float(f["mtime"])) for f in store.failures}
-

@@ -1,20 +1,22 @@
-"""Writing a store: the one ``StoreWriter`` (lock, journal parts, adoption of shard files, consolidation).
+"""Writing a store: the one ``StoreWriter`` (lock, journal parts, adoption of shard files, folding in).
 
 Crash safety: one writer at a time holds ``FILE.h5.lock`` (a kernel lock, released by the kernel
 if the writer dies, so a lock left by a killed writer never blocks the next one). Work in progress
 goes to ``FILE.h5.journal/``: each committed batch is a complete file published by an atomic
 rename, durable once ``commit`` returns. The main file is only ever replaced whole: ``consolidate``
-writes the merged content with ``format.write_file`` (atomic replace) and only then drops the
+applies the parts to a copy of it (``fold``) and renames the copy over it, and only then drops the
 parts, so a kill at any point leaves whole parts, which the next writer folds in on ``acquire``.
 
-Why not SWMR: a SWMR writer killed mid-run leaves its file flagged as open, unreadable until
-``h5clear`` is run, and in-place HDF5 updates are not atomic; whole-file replacement is.
+Why not update the main file in place (or SWMR): readers keep it open while a writer works, and
+in-place HDF5 updates are neither atomic nor safe for an open reader; a SWMR writer killed mid-run
+leaves its file flagged as open, unreadable until ``h5clear`` is run. A renamed copy is all three.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,19 +25,10 @@ import numpy as np
 
 from .._atomic import fsync_dir, temporary_beside
 from ..errors import StoreError, StoreLockedError
-from .format import (
-    FAILURE_COLUMNS,
-    FORMAT,
-    IMAGE_COLUMNS,
-    _read_attrs,
-    _read_file,
-    journal_dir,
-    list_parts,
-    lock_path,
-    part_path,
-    write_file,
-)
-from .integrity import BAD_VECTOR, journal_seq, validate_space_name, vector_problems
+from .fold import fold
+from .format import FAILURE_COLUMNS, IMAGE_COLUMNS, READABLE, journal_dir, list_parts, lock_path, part_path, read_attrs, write_file
+from .integrity import BAD_VECTOR, check_space_compatible, journal_seq, validate_space_name, vector_problems
+from .mainfile import StoreFile
 from .locks import try_lock
 from .reader import Store, open_store
 
@@ -118,6 +111,10 @@ class StoreWriter:
             tmp.unlink(missing_ok=True)
 
     def release(self) -> None:
+        base = self.__dict__.pop("_base_store", None)
+        self.__dict__.pop("_lineage", None)
+        if base is not None:
+            base.close()
         if self._lock_fh is not None:
             self._lock_fh.release()
             self._lock_fh = None
@@ -125,15 +122,12 @@ class StoreWriter:
     def _base_seq(self) -> int:
         if not self.path.exists():
             return 0
-        return journal_seq(self.path, _read_attrs(self.path))
+        return journal_seq(self.path, read_attrs(self.path))
 
     def snapshot(self, *, vectors: bool = True) -> Store | None:
-        """The current content (main file plus journal), or None for a new store.
-
-        ``vectors=False``: the rows-only view that planning needs (see ``open_store``).
-        """
+        """The current content (main file plus journal), or None for a new store (vectors read on demand)."""
         try:
-            return open_store(self.path, vectors=vectors)
+            return open_store(self.path)
         except FileNotFoundError:
             return None
 
@@ -143,17 +137,72 @@ class StoreWriter:
         if not len(batch):
             return
         dim = int(space_attrs["dim"])
+        vectors = np.stack(batch.vectors) if batch.vectors else np.empty((0, dim), np.float32)
+        self._publish(batch.images, vectors, batch.failures, space, space_attrs)
+
+    def commit_arrays(self, space: str, space_attrs: dict[str, Any], vectors: np.ndarray, paths: Any, *,
+                      labels: Any = None, splits: Any = None, sizes: Any = None, hashes: Any = None,
+                      mtimes: Any = None) -> None:
+        """Publish vectors given as arrays (one per path) as one journal part, like ``commit``.
+
+        A column left as None keeps what the store held for that image when this writer opened it
+        (none, or 0 for sizes and mtimes, for new images): vectors that came from elsewhere than
+        ``embed`` need no image file. Another lineage in an existing space is refused.
+        """
+        validate_space_name(space)
+        n = len(paths)
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or len(vectors) != n:
+            raise StoreError(f"got {len(vectors)} vector(s) of shape {vectors.shape[1:]} for {n} path(s): "
+                             "give one 1-D vector per path")
+        if not n:
+            return
+
+        paths = [str(p) for p in paths]
+        given = {"label": labels, "split": splits, "size": sizes, "hash": hashes, "mtime": mtimes}
+        fills = {"label": "", "split": "", "size": 0, "hash": "", "mtime": 0.0}
+        images: dict[str, list] = {"path": paths}
+        for c, values in given.items():
+            if values is None:  # kept as stored for images the store has (the part says so)
+                images[c] = [fills[c]] * n
+                continue
+            values = list(values)
+            if len(values) != n:
+                raise StoreError(f"got {len(values)} values of column {c!r} for {n} path(s): give one per path")
+            images[c] = [fills[c] if v is None else v for v in values]
+        keep = [c for c, v in given.items() if v is None]
+        self._publish(images, vectors, {c: [] for c in FAILURE_COLUMNS}, space, space_attrs, keep)
+
+    def _base(self) -> Store | None:
+        """The store as this writer found it (read on demand), kept for its session."""
+        if not hasattr(self, "_base_store"):
+            self._base_store = self.snapshot()
+        return self._base_store
+
+    def _check_lineage(self, space: str, space_attrs: dict[str, Any]) -> None:
+        known = getattr(self, "_lineage", None)
+        if known is None:
+            base = self._base()
+            known = self._lineage = {n: sp.attrs for n, sp in base.spaces.items()} if base is not None else {}
+        if space in known:
+            check_space_compatible(known[space], space_attrs, space)
+        else:
+            known[space] = space_attrs
+
+    def _publish(self, images: dict[str, Any], vectors: np.ndarray, failures: dict[str, Any], space: str,
+                 space_attrs: dict[str, Any], keep_columns: list[str] | None = None) -> None:
+        """Cast, refuse unusable vectors (recorded as failures), and write one journal part."""
+        self._check_lineage(space, space_attrs)
         try:
             dtype = np.dtype(space_attrs.get("dtype", "float16"))
         except TypeError as e:
             raise StoreError(f"space {space!r} of {self.path} has dtype {space_attrs.get('dtype')!r}, not a vector "
                              "type: use float16 or float32, or choose another space name with --space NAME") from e
         with np.errstate(over="ignore"):  # a float16 overflow becomes Inf, refused just below
-            vectors = np.stack(batch.vectors).astype(dtype) if batch.vectors else np.empty((0, dim), dtype)
-        images, failures = batch.images, batch.failures
+            vectors = vectors.astype(dtype, copy=False)
         bad = vector_problems(vectors)  # after the cast: float16 overflows to Inf
         if bad:  # such images are recorded as failures, never stored
-            keep = [i for i in range(len(vectors)) if i not in bad]
+            keep = np.setdiff1d(np.arange(len(vectors)), np.fromiter(bad, np.int64, len(bad)))
             failures = {c: list(v) for c, v in failures.items()}
             for i, why in bad.items():
                 rec = {"path": images["path"][i], "space": space, "error": BAD_VECTOR,
@@ -168,10 +217,11 @@ class StoreWriter:
         self._seq += 1
         write_file(
             part_path(self.path, self._seq),
-            attrs=self._file_attrs(),
+            attrs={**self._file_attrs(), "keep_columns": keep_columns or None},
             images=images,
             spaces={space: (space_attrs, np.arange(len(vectors)), vectors)},
             failures=failures,
+            versions={space: np.full(len(vectors), self._seq, np.int64)},
         )
 
     def adopt(self, source: str | os.PathLike) -> None:
@@ -181,11 +231,17 @@ class StoreWriter:
         into the journal, so it is applied like any committed batch: later rows win.
         """
         source = Path(source)
-        if _read_attrs(source).get("format") != FORMAT:  # a missing or non-HDF5 file: a clear error too
+        if read_attrs(source).get("format") not in READABLE:  # a missing or non-HDF5 file: a clear error too
             raise StoreError(f"{source} is not an embedstore file: only shard or store files can be merged")
-        data = _read_file(source)  # a damaged file is refused before it becomes a part of this store
-        for name in data.spaces:
-            validate_space_name(name)
+        shard = StoreFile(source)  # a missing, foreign or damaged header: a clear error
+        try:
+            for name, sp in shard.spaces.items():  # a damaged file is refused before it becomes a part
+                validate_space_name(name)
+                shard.space_rows(sp)
+                for a in range(0, len(sp), 65536):
+                    shard.vectors(sp, np.arange(a, min(len(sp), a + 65536)))
+        finally:
+            shard.close()
         jdir = journal_dir(self.path)
         jdir.mkdir(exist_ok=True)
         self._seq += 1
@@ -202,10 +258,13 @@ class StoreWriter:
         fsync_dir(jdir)
 
     def _file_attrs(self) -> dict[str, Any]:
-        root = self.root
+        root, store_id = self.root, None
         if self.path.exists():
-            root = str(_read_attrs(self.path).get("root", root))
-        return {"root": root or "", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            main = read_attrs(self.path)
+            root, store_id = str(main.get("root", root)), main.get("uuid")
+        if not store_id:  # a new store, or one written before stores had an identity
+            store_id = self._uuid = getattr(self, "_uuid", None) or uuid.uuid4().hex
+        return {"root": root or "", "uuid": store_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def consolidate(self) -> None:
         """Fold published journal parts into the main file (atomic replace), then drop them."""
@@ -215,19 +274,14 @@ class StoreWriter:
         base_seq = self._base_seq()
         fresh = [(s, p) for s, p in parts if s > base_seq]
         if fresh:
-            store = open_store(self.path)
+            current = read_attrs(self.path) if self.path.exists() else read_attrs(fresh[0][1])
             attrs = {
-                "root": store.root or self.root or "",
+                "root": str(current.get("root") or self.root or ""),
+                "uuid": current.get("uuid") or getattr(self, "_uuid", None) or uuid.uuid4().hex,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "journal_seq": max(s for s, _ in fresh),
             }
-            write_file(
-                self.path,
-                attrs=attrs,
-                images=store.images,
-                spaces={n: (s.attrs, s.rows, s.vectors) for n, s in store.spaces.items()},
-                failures={c: [f[c] for f in store.failures] for c in FAILURE_COLUMNS},
-            )
+            fold(self.path, fresh, attrs)
         for _, p in parts:
             p.unlink(missing_ok=True)
         try:
