@@ -80,10 +80,18 @@ def index_kills(tmp: Path, first: int = 50_000, total: int = 60_000, kills: int 
         "runs": rebuilds.runs + extends.runs, "runs_completed": rebuilds.completed_runs + extends.completed_runs,
         "rows": len(got.rows), "rows_lost": len(set(ref.rows.tolist()) - set(got.rows.tolist())),
         "rows_duplicated": len(got.rows) - len(set(got.rows.tolist())),
-        "vectors_differ": int((got.fingerprints != ref.fingerprints).sum()) if len(got.rows) == len(ref.rows) else -1,
+        "vectors_differ": _stale_rows(store, got),
         "same_factory": got.info["factory"] == ref.info["factory"], "stray_files": sorted(left),
         "served_after_kills": sorted(set(served)), "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _stale_rows(store: Path, got: Any) -> int:
+    """Indexed rows whose vector is not the store's current one (by the version it was added at)."""
+    with embedstore.open_store(store) as st:
+        sp = st.space("syn")
+        pos = sp.positions_of(got.rows)
+        return int((pos < 0).sum() + (got.versions[pos >= 0] != sp.versions[pos[pos >= 0]]).sum())
 
 
 def finetune_kills(tmp: Path, per_class: int = 8, kills: int = 20, seed: int = 0, epochs: int = 3) -> dict[str, Any]:
