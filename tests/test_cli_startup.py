@@ -19,8 +19,16 @@ try:
     main({args!r})
 except SystemExit as e:
     code = e.code
-print(json.dumps({{"exit": code, "heavy": sorted(m for m in {heavy!r} if m in sys.modules)}}))
+print(json.dumps({{"exit": code, "loaded": sorted(m for m in {watch!r} if m in sys.modules)}}))
 """
+
+
+def probe(args: list[str], watch: tuple[str, ...]) -> dict:
+    """Run the CLI with ``args`` in a fresh interpreter: its exit code and which of ``watch`` it imported."""
+    done = subprocess.run([sys.executable, "-c", PROBE.format(args=args, watch=watch)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def registered_commands() -> list[str]:
@@ -32,9 +40,7 @@ def registered_commands() -> list[str]:
 @pytest.mark.parametrize("command", ["", *registered_commands()])
 def test_help_imports_no_heavy_library(command: str) -> None:
     args = [command, "--help"] if command else ["--help"]
-    out = subprocess.run([sys.executable, "-c", PROBE.format(args=args, heavy=HEAVY)], capture_output=True,
-                         text=True, check=True)
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"exit": 0, "heavy": []}
+    assert probe(args, HEAVY) == {"exit": 0, "loaded": []}
 
 
 def test_choices_match_the_implementations() -> None:
@@ -70,24 +76,11 @@ def test_embed_choices_come_from_one_place() -> None:
 
 # --------------------------------------------------------------------------- cold commands that read vectors
 
-COLD = """
-import json, sys
-from embedstore_cli.main import main
-code = None
-try:
-    main({args!r})
-except SystemExit as e:
-    code = e.code
-print(json.dumps({{"exit": code, "loaded": sorted(m for m in {watch!r} if m in sys.modules)}}))
-"""
 TORCH_SIDE = ("torch", "timm", "torchvision", "PIL", "embedstore.backbones.load", "embedstore.embedding")
 
 
 def run_cold(args: list[str]) -> dict:
-    done = subprocess.run([sys.executable, "-c", COLD.format(args=args, watch=TORCH_SIDE)], capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return probe(args, TORCH_SIDE)
 
 
 @pytest.fixture(scope="module")

@@ -334,7 +334,7 @@ def import_vectors(store: str | os.PathLike, folder: str | os.PathLike, *, space
     total = sum(p.rows for p in parts)
     attrs = lineage(parts[0].dim, dtype, SOURCE_FORMAT, source)
     with StoreWriter(store, root=root) as writer:
-        snap = writer.snapshot(vectors=False)
+        snap = writer.snapshot()
         prev = _prepare(snap, space, attrs)
         chunks = (c for p in parts for c in iter_part(p, chunk_rows))
         with tqdm(total=total, unit="vec", desc=f"import {space}", disable=not progress, file=sys.stderr) as bar:
@@ -377,7 +377,7 @@ def add_vectors(store: str | os.PathLike, vectors: np.ndarray, paths: Sequence[s
     source = ARRAYS_SOURCE if source is None else str(source)
     attrs = lineage(int(vectors.shape[1]), dtype, ARRAYS_FORMAT, source)
     with StoreWriter(store, root=root) as writer:
-        snap = writer.snapshot(vectors=False)
+        snap = writer.snapshot()
         if root is None:
             root = snap.root if snap is not None and snap.root else os.getcwd()
             writer.root = root

@@ -48,6 +48,15 @@ def _copy(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
+def _indexed(ds: h5py.Dataset, block: int = 1 << 22) -> KeyIndex:
+    """value -> position over a 1-D dataset (path keys, or a space's rows), read in blocks."""
+    index = KeyIndex()
+    for a in range(0, len(ds), block):
+        values = ds[a:a + block]
+        index.add(values.astype(np.uint64, copy=False), np.arange(a, a + len(values)))
+    return index
+
+
 class _Target:
     """The writable copy being folded into: its images table, key lookup and spaces."""
 
@@ -55,21 +64,14 @@ class _Target:
         self.f = f
         self.images = f["images"]
         self.n = int(self.images["path"].shape[0])
-        self.index = KeyIndex()
-        if self.n:
-            for a in range(0, self.n, 1 << 22):
-                self.index.add(self.images["key"][a:a + (1 << 22)], np.arange(a, min(self.n, a + (1 << 22))))
+        self.index = _indexed(self.images["key"])
         self.names = {c: json.loads(self.images[c].attrs.get("categories", "[]")) for c in CATEGORICAL}
         self._positions: dict[str, KeyIndex] = {}
 
     def positions(self, name: str) -> KeyIndex:
         """image row -> position in space ``name`` (built once per fold, kept up to date)."""
         if name not in self._positions:
-            index = self._positions[name] = KeyIndex()
-            rows = self.f["spaces"][name]["rows"]
-            for a in range(0, len(rows), 1 << 22):
-                block = rows[a:a + (1 << 22)]
-                index.add(block.astype(np.uint64), np.arange(a, a + len(block)))
+            self._positions[name] = _indexed(self.f["spaces"][name]["rows"])
         return self._positions[name]
 
     def rows_for(self, paths: list[str]) -> np.ndarray:

@@ -129,9 +129,18 @@ class Store:
         return self._main.column(column, np.array([row]))[0] if row < self._n_main else None
 
     def _rows_for(self, paths: Any) -> np.ndarray:
-        """Rows of ``paths`` among the main file and the parts applied so far (-1 = new)."""
+        """Rows of ``paths`` among the main file and the parts applied so far (-1 = new).
+
+        A few paths against a store without journal parts are matched by scanning the main file's
+        keys (no sorted lookup is built for them); otherwise the sorted key lookup answers.
+        """
         paths = list(paths)
-        found = self._key_index().lookup(path_keys(paths)) if paths else np.empty(0, np.int64)
+        keys = path_keys(paths)
+        if self._index is None and len(paths) <= 16 and self._main is not None:
+            main_keys = self._main.keys()
+            found = np.array([(np.flatnonzero(main_keys == k)[:1].tolist() or [-1])[0] for k in keys], np.int64)
+        else:
+            found = self._key_index().lookup(keys) if paths else np.empty(0, np.int64)
         hit = np.flatnonzero(found >= 0)
         if len(hit):  # confirm: a key collision never maps a path to a wrong row
             stored = np.empty(len(hit), dtype=object)
@@ -255,20 +264,7 @@ class Store:
 
     def rows_of(self, paths: Any) -> np.ndarray:
         """Row of each stored (relative) path in the images table, -1 where the store has no such image."""
-        paths = [str(p) for p in paths]
-        if not paths:
-            return np.empty(0, np.int64)
-        if self._index is None and len(paths) <= 16 and self._main is not None:
-            keys, main_keys = path_keys(paths), self._main.keys()
-            found = np.array([(np.flatnonzero(main_keys == k)[:1].tolist() or [-1])[0] for k in keys], np.int64)
-            for j, p in enumerate(paths):  # rows the journal added or renamed
-                if found[j] < 0 and self._slot:
-                    found[j] = self._scan_for(p)
-            for j in np.flatnonzero(found >= 0).tolist():
-                if self._value("path", int(found[j])) != paths[j]:
-                    found[j] = self._scan_for(paths[j])
-            return found
-        return self._rows_for(paths)
+        return self._rows_for([str(p) for p in paths])
 
     # ----------------------------------------------------------------------- the rest
 

@@ -65,6 +65,8 @@ class StoreWriter:
         self.root = root
         self._lock_fh = None
         self._seq = 0
+        self._uuid: str | None = None  # the identity given to a store that has none yet
+        self._lineage: dict[str, dict[str, Any]] | None = None  # space -> attrs, checked before each commit
 
     def __enter__(self) -> "StoreWriter":
         self.acquire()
@@ -111,10 +113,7 @@ class StoreWriter:
             tmp.unlink(missing_ok=True)
 
     def release(self) -> None:
-        base = self.__dict__.pop("_base_store", None)
-        self.__dict__.pop("_lineage", None)
-        if base is not None:
-            base.close()
+        self._lineage = None
         if self._lock_fh is not None:
             self._lock_fh.release()
             self._lock_fh = None
@@ -124,7 +123,7 @@ class StoreWriter:
             return 0
         return journal_seq(self.path, read_attrs(self.path))
 
-    def snapshot(self, *, vectors: bool = True) -> Store | None:
+    def snapshot(self) -> Store | None:
         """The current content (main file plus journal), or None for a new store (vectors read on demand)."""
         try:
             return open_store(self.path)
@@ -145,9 +144,10 @@ class StoreWriter:
                       mtimes: Any = None) -> None:
         """Publish vectors given as arrays (one per path) as one journal part, like ``commit``.
 
-        A column left as None keeps what the store held for that image when this writer opened it
-        (none, or 0 for sizes and mtimes, for new images): vectors that came from elsewhere than
-        ``embed`` need no image file. Another lineage in an existing space is refused.
+        A column left as None keeps what the store holds for an image it has (the part records the
+        columns it leaves, and folding honours that); new images get none, or 0 for sizes and
+        mtimes: vectors that came from elsewhere than ``embed`` need no image file. Another
+        lineage in an existing space is refused.
         """
         validate_space_name(space)
         n = len(paths)
@@ -173,17 +173,14 @@ class StoreWriter:
         keep = [c for c, v in given.items() if v is None]
         self._publish(images, vectors, {c: [] for c in FAILURE_COLUMNS}, space, space_attrs, keep)
 
-    def _base(self) -> Store | None:
-        """The store as this writer found it (read on demand), kept for its session."""
-        if not hasattr(self, "_base_store"):
-            self._base_store = self.snapshot()
-        return self._base_store
-
     def _check_lineage(self, space: str, space_attrs: dict[str, Any]) -> None:
-        known = getattr(self, "_lineage", None)
-        if known is None:
-            base = self._base()
-            known = self._lineage = {n: sp.attrs for n, sp in base.spaces.items()} if base is not None else {}
+        known = self._lineage
+        if known is None:  # the store's spaces as this writer found them (a header read), then its own
+            known = self._lineage = {}
+            base = self.snapshot()
+            if base is not None:
+                with base:
+                    known.update({n: sp.attrs for n, sp in base.spaces.items()})
         if space in known:
             check_space_compatible(known[space], space_attrs, space)
         else:
@@ -257,14 +254,17 @@ class StoreWriter:
         os.replace(tmp, dest)
         fsync_dir(jdir)
 
+    def _store_id(self, current: dict[str, Any]) -> str:
+        """The store's uuid: the one it has (``current``: main file or first part attributes), else one made now."""
+        if not current.get("uuid"):  # a new store, or one written before stores had an identity
+            self._uuid = self._uuid or uuid.uuid4().hex
+            return self._uuid
+        return str(current["uuid"])
+
     def _file_attrs(self) -> dict[str, Any]:
-        root, store_id = self.root, None
-        if self.path.exists():
-            main = read_attrs(self.path)
-            root, store_id = str(main.get("root", root)), main.get("uuid")
-        if not store_id:  # a new store, or one written before stores had an identity
-            store_id = self._uuid = getattr(self, "_uuid", None) or uuid.uuid4().hex
-        return {"root": root or "", "uuid": store_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        current = read_attrs(self.path) if self.path.exists() else {}
+        return {"root": str(current.get("root", self.root) or ""), "uuid": self._store_id(current),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def consolidate(self) -> None:
         """Fold published journal parts into the main file (atomic replace), then drop them."""
@@ -274,10 +274,12 @@ class StoreWriter:
         base_seq = self._base_seq()
         fresh = [(s, p) for s, p in parts if s > base_seq]
         if fresh:
-            current = read_attrs(self.path) if self.path.exists() else read_attrs(fresh[0][1])
+            current = read_attrs(self.path) if self.path.exists() else {}
+            if not current.get("uuid"):  # parts of a store without an identity carry the one they were given
+                current = {**read_attrs(fresh[0][1]), **{k: v for k, v in current.items() if v}}
             attrs = {
                 "root": str(current.get("root") or self.root or ""),
-                "uuid": current.get("uuid") or getattr(self, "_uuid", None) or uuid.uuid4().hex,
+                "uuid": self._store_id(current),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "journal_seq": max(s for s, _ in fresh),
             }
