@@ -166,12 +166,21 @@ def run_size(n: int, args: argparse.Namespace, env: dict[str, str]) -> dict[str,
     store, store_a, store_b, target = work / "s.h5", work / "a.h5", work / "b.h5", work / "merged.h5"
     images_root = work / "images"
     result: dict[str, Any] = {"n": n, "commands": {}}
-    need = n * 512 * 2 * 7 / 1e9  # layout, store, halves, raw write, merge target, raw merge, index ~ 7x the vectors
+    gb = n * 512 * 2 / 1e9  # one copy of the vectors
+    need = gb * 7  # layout, store, halves, raw write, merge target, raw merge, index ~ 7 copies
     result["disk_free_gb_before"] = round(free_gb(args.work), 1)
+    result["skipped"] = {}
+    if free_gb(args.work) < need + 5:  # the layout, the store and its index only: no merge, no raw write
+        why = f"needs about {need:.0f} GB free under {args.work}, has {free_gb(args.work):.0f} GB"
+        for cmd in ("merge", "write"):
+            result["skipped"][cmd if cmd == "merge" else "write raw"] = why
+        need = gb * 2.3
     if free_gb(args.work) < need + 5:
         result["error"] = f"needs about {need:.0f} GB free under {args.work}, has {free_gb(args.work):.0f} GB"
         print(f"{name}: skipped ({result['error']})", flush=True)
         return result
+    for what, why in result["skipped"].items():
+        print(f"  {name:>5} {what}: skipped ({why})", flush=True)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -212,14 +221,14 @@ def run_size(n: int, args: argparse.Namespace, env: dict[str, str]) -> dict[str,
 
     halves(layout, half_a, half_b)
     one("write", "embedstore", [py, data, "write", str(layout), str(store), "--root", str(images_root)], 1)
-    if wanted("write"):
+    if wanted("write") and "write raw" not in result["skipped"]:
         one("write", "raw", [py, raw, "write", str(layout), str(work / "raw_write.h5")], 1)
         (work / "raw_write.h5").unlink(missing_ok=True)
     if not cmds["write"]["embedstore"]["ok"]:
         result["error"] = "the store could not be written: " + cmds["write"]["embedstore"].get("error", "")
         return result
     result["store_bytes"] = store.stat().st_size
-    if wanted("merge"):
+    if wanted("merge") and "merge" not in result["skipped"]:
         for lay_dir, st in ((half_a, store_a), (half_b, store_b)):
             r = measure([py, data, "write", str(lay_dir), str(st), "--root", str(images_root)], env,
                         work / f"{st.stem}.write.out", args.timeout)
@@ -234,7 +243,9 @@ def run_size(n: int, args: argparse.Namespace, env: dict[str, str]) -> dict[str,
         out = (idx["runs"][0].get("output") or {})
         result["recall_at_10"] = out.get("recall_at_10")
         result["index_factory"] = out.get("factory")
-        if out.get("factory") and not args.no_raw_index:
+        if n > args.raw_index_max:
+            result["skipped"]["index raw"] = f"over --raw-index-max {size_name(args.raw_index_max)}"
+        elif out.get("factory") and not args.no_raw_index:
             one("index", "raw", [py, raw, "index", str(store), str(work / "raw.faiss"), "--factory", out["factory"]], 1)
             (work / "raw.faiss").unlink(missing_ok=True)
 
@@ -302,6 +313,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--commands", default=",".join(COMMANDS), help="Comma list of the commands to measure.")
     ap.add_argument("--memory", default="8G", help="embedstore index --memory.")
     ap.add_argument("--no-raw-index", action="store_true", help="Skip the raw faiss build beside embedstore index.")
+    ap.add_argument("--raw-index-max", type=parse_size, default=parse_size("10M"),
+                    help="Build the raw faiss baseline index only up to this size (it takes as long as ours).")
+    ap.add_argument("--add", action="store_true",
+                    help="Keep the other sizes already in --out (measured on the same CPU) and add these.")
     ap.add_argument("--timeout", type=float, default=1800, help="Seconds before a command is killed (and recorded).")
     ap.add_argument("--part-rows", type=int, default=100_000, help="Rows per img_emb_<i>.npy part.")
     ap.add_argument("--work", type=Path, default=Path("/work/scratch/scale"), help="Folder for the synthetic data.")
@@ -329,6 +344,14 @@ def main(argv: list[str] | None = None) -> None:
                      "classify": "--models logreg --no-confusion", "cold": "fresh process per run; page cache warm"},
         "sizes": {},
     }
+    if args.add and args.out.exists():
+        old = json.loads(args.out.read_text())
+        if old.get("machine", {}).get("cpu") != result["machine"]["cpu"]:
+            sys.exit(f"{args.out} was measured on {old.get('machine', {}).get('cpu')!r}, not this CPU: drop --add")
+        result["sizes"] = {k: v for k, v in old.get("sizes", {}).items() if k not in {size_name(n) for n in sizes}}
+        result["earlier_runs"] = old.get("earlier_runs", []) + [{"sizes": list(old.get("sizes", {})),
+                                                                 "git_head": old.get("git_head"),
+                                                                 "uncommitted": old.get("uncommitted")}]
     t0 = time.perf_counter()
     for n in sizes:
         print(f"{size_name(n)} vectors:", flush=True)

@@ -8,7 +8,8 @@ shows embedstore's overhead over the work itself:
     info        open the file, read the header: row count, space names, shapes and attributes
     write       h5py: create a resizable float16 dataset and append every part of the layout
     index       faiss index_factory with the factory embedstore chose: train on a sample, add in chunks
-    search      read one row, faiss.read_index, set the sidecar's parameters, search k=10
+    search      read one row, faiss.read_index (memory-mapped where faiss can), set the sidecar's parameters,
+                search k=10; with the sidecar's k_factor, re-rank k * k_factor candidates read from the store
     classify    read the labelled rows (label/split columns at those rows, their vectors), one
                 LogisticRegression fit on train, scored on val
     merge       h5py: copy the two halves' datasets into one new file, chunk by chunk
@@ -78,12 +79,35 @@ def _sidecar(store: Path) -> tuple[dict[str, Any], Path]:
     return info, Path(info.get("index_file") or folder / f"{sidecar.stem}.{info['generation']}.faiss")
 
 
-def _set_params(index: Any, params: dict[str, Any]) -> None:
+def _read_index(path: Path, params: dict[str, Any]) -> tuple[Any, int]:
+    """The index memory-mapped where faiss can (as any careful user reads a large one), with the sidecar's
+    faiss parameters set; and ``k_factor``, embedstore's own re-rank depth (0: none), which faiss does not know."""
     import faiss
 
+    try:
+        ix = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        ix = faiss.read_index(str(path))
     ps = faiss.ParameterSpace()
     for k, v in params.items():
-        ps.set_index_parameter(index, k, v)
+        if k != "k_factor":
+            ps.set_index_parameter(ix, k, v)
+    return ix, int(params.get("k_factor", 0))
+
+
+def _search(ix: Any, vec: Any, q: np.ndarray, k: int, k_factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of ``q``; with ``k_factor``, the k * k_factor candidates re-ranked exactly from ``vec`` (the
+    synthetic stores hold every image in one space, so an index id, a store row, is also a position)."""
+    if not k_factor:
+        return ix.search(q, k)
+    _, cand = ix.search(q, k * k_factor)
+    rows = np.unique(cand[cand >= 0])
+    x = _normalized(vec[rows])  # one sorted read for the whole batch of queries
+    at = np.searchsorted(rows, np.maximum(cand, 0))
+    s = np.einsum("qd,qcd->qc", q, x[at])
+    s[cand < 0] = -np.inf
+    top = np.argsort(-s, axis=1)[:, :k]
+    return np.take_along_axis(s, top, 1), np.take_along_axis(cand, top, 1)
 
 
 def index(store: Path, factory: str, out: Path) -> dict[str, Any]:
@@ -107,16 +131,15 @@ def index(store: Path, factory: str, out: Path) -> dict[str, Any]:
 
 
 def search(store: Path, row: int = 42) -> dict[str, Any]:
-    import faiss
     import h5py
 
     info, path = _sidecar(store)
+    ix, k_factor = _read_index(path, info.get("params") or {})
     with h5py.File(store, "r") as f:
-        q = _normalized(_space(f)["vectors"][row:row + 1])
-    ix = faiss.read_index(str(path))
-    _set_params(ix, info.get("params") or {})
-    t0 = time.perf_counter()
-    d, i = ix.search(q, 10)
+        vec = _space(f)["vectors"]
+        q = _normalized(vec[row:row + 1])
+        t0 = time.perf_counter()
+        d, i = _search(ix, vec, q, 10, k_factor)
     return {"hits": i[0].tolist(), "scores": [round(float(s), 4) for s in d[0]],
             "search_ms": round(1000 * (time.perf_counter() - t0), 3), "index_bytes": path.stat().st_size}
 
@@ -131,8 +154,8 @@ def classify(store: Path) -> dict[str, Any]:
     with h5py.File(store, "r") as f:
         n = f["images"]["path"].shape[0]
         rows = labelled_rows(n)  # the benchmark's generator knows which rows are labelled
-        labels = f["images"]["label"][rows].astype(str)
-        splits = f["images"]["split"][rows].astype(str)
+        labels = _decoded(f["images"]["label"], rows)
+        splits = _decoded(f["images"]["split"], rows)
         space = _space(f)
         pos = np.searchsorted(space["rows"][()], rows) if "rows" in space else rows
         x = _normalized(space["vectors"][np.sort(pos)])
@@ -140,6 +163,15 @@ def classify(store: Path) -> dict[str, Any]:
     model = LogisticRegression(max_iter=1000).fit(x[train], labels[train])
     return {"rows": int(len(rows)), "train": int(train.sum()), "val": int(val.sum()),
             "accuracy": round(float(model.score(x[val], labels[val])), 4)}
+
+
+def _decoded(column: Any, rows: np.ndarray) -> np.ndarray:
+    """Strings of a column at ``rows``: format 2 stores int32 codes into the ``categories`` attribute (-1: none)."""
+    values = column[rows]
+    if "categories" not in column.attrs:
+        return values.astype(str)
+    names = np.array(json.loads(column.attrs["categories"]) + [""], dtype=object)
+    return names[np.where(values < 0, len(names) - 1, values)].astype(str)
 
 
 def merge(a: Path, b: Path, out: Path) -> dict[str, Any]:
@@ -171,13 +203,11 @@ def _append(g: Any, name: str, src: Any) -> None:
 
 def duplicates(store: Path, k: int = 10, queries: int | None = None) -> dict[str, Any]:
     """k-NN self-search of the first ``queries`` rows (all when None) through the built index."""
-    import faiss
     import h5py
 
     t0 = time.perf_counter()
     info, path = _sidecar(store)
-    ix = faiss.read_index(str(path))
-    _set_params(ix, info.get("params") or {})
+    ix, k_factor = _read_index(path, info.get("params") or {})
     load_s = time.perf_counter() - t0
     edges = 0
     with h5py.File(store, "r") as f:
@@ -185,8 +215,9 @@ def duplicates(store: Path, k: int = 10, queries: int | None = None) -> dict[str
         n = len(vec)
         q = n if queries is None else min(n, queries)
         t1 = time.perf_counter()
-        for a in range(0, q, CHUNK):
-            d, _ = ix.search(_normalized(vec[a:min(q, a + CHUNK)]), k)
+        step = 4096 if k_factor else CHUNK  # re-ranking holds k * k_factor candidate vectors per query
+        for a in range(0, q, step):
+            d, _ = _search(ix, vec, _normalized(vec[a:min(q, a + step)]), k, k_factor)
             edges += int((d[:, 1:] >= 0.825).sum())
         search_s = time.perf_counter() - t1
     return {"rows": int(n), "queries": int(q), "k": k, "edges_over_0.825": edges, "load_s": round(load_s, 3),

@@ -18,9 +18,16 @@ def cell(entry: dict[str, Any] | None) -> str:
             + ("" if entry["ok"] else " (some failed)"))
 
 
+def _skipped(size: dict[str, Any], cmd: str, side: str) -> str:
+    """Why a command was not measured at a size ("" when it was not skipped): disk, or a size limit."""
+    skipped = size.get("skipped") or {}
+    why = skipped.get(cmd) or (skipped.get(f"{cmd} raw") if side == "raw" else None)
+    return "" if not why else ("not enough disk" if "GB free" in why else why)
+
+
 def render(result: dict[str, Any]) -> str:
     """The Markdown tables: cost per command and size, overhead over the raw work, growth between sizes."""
-    sizes = list(result["sizes"])
+    sizes = sorted(result["sizes"], key=lambda s: result["sizes"][s]["n"])
     m = result["machine"]
     lines = [f"{m.get('cpu')}, {m['cores_usable']} cores, {m['ram_gib']} GiB RAM; code: {result['code']}; "
              f"median of {result['settings']['repeats']} cold processes (page cache warm); cells: wall s / peak RSS GiB",
@@ -28,8 +35,10 @@ def render(result: dict[str, Any]) -> str:
     for cmd in COMMANDS:
         for side, label in (("embedstore", cmd), ("raw", f"{cmd} (raw)")):
             row = [result["sizes"][s].get("commands", {}).get(cmd, {}).get(side) for s in sizes]
-            if any(row):
-                lines.append(f"| {label} | " + " | ".join(cell(c) for c in row) + " |")
+            why = [_skipped(result["sizes"][s], cmd, side) for s in sizes]
+            if any(row) or any(why):
+                lines.append(f"| {label} | " + " | ".join(cell(c) if c or not w else f"skipped ({w})"
+                                                          for c, w in zip(row, why)) + " |")
     lines.append("| recall@10 (index) | " + " | ".join(str(result["sizes"][s].get("recall_at_10", "-")) for s in sizes)
                  + " |")
     lines.append("| index factory | " + " | ".join(str(result["sizes"][s].get("index_factory", "-")) for s in sizes)

@@ -176,12 +176,7 @@ def default_store(path: str) -> str:
 def info(store: str, as_json: bool, show_failures: bool) -> None:
     """Describe a store: images, labels, splits, embedding spaces and failures."""
     st = embedstore.open_store(store)  # the header and small metadata; no vectors, no torch
-    summary = st.summary()
-    if "absolute_paths" not in summary:  # older Store.summary(): count them here, without a loop per row
-        import numpy as np
-
-        paths = np.asarray(st.images["path"], dtype=str)
-        summary["absolute_paths"] = int(np.char.startswith(paths, os.sep).sum()) if paths.size else 0
+    summary = st.summary()  # counts kept in the file: no column is read
     if as_json:
         if show_failures:
             summary["failure_list"] = st.failures

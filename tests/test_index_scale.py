@@ -123,6 +123,28 @@ def test_ivf_lists_are_memory_mapped_on_load(tmp_path: Path, data: np.ndarray) -
     assert np.array_equal(r1, r2) and np.allclose(s1, s2)
 
 
+def test_auto_keeps_lists_memory_mapped_once_fast_scan_would_be_read_whole(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """faiss maps array inverted lists but reads fast-scan blocks whole: above READ_WHOLE_MAX the
+    automatic index is 8-bit OPQ+PQ in an array a search maps (10M x 512: 640 MiB of fast-scan codes)."""
+    small, large = choose.choose_factory(1_000_000, 512, 8 << 30), choose.choose_factory(10_000_000, 512, 8 << 30)
+    assert "x4fs" in small and "x4fs" not in large and large.endswith("np")
+    monkeypatch.setattr(choose, "PQ_MIN_ROWS", 1_000)
+    x = clustered(4_000, DIM, clusters=20, seed=3)
+    monkeypatch.setattr(choose, "READ_WHOLE_MAX", 1 << 40)
+    fast = choose.choose_factory(len(x), DIM)
+    monkeypatch.setattr(choose, "READ_WHOLE_MAX", 1 << 10)  # a store too large to read its lists per search
+    mapped = choose.choose_factory(len(x), DIM)
+    assert "x4fs" in fast and "x4fs" not in mapped
+    for factory, on_disk in ((fast, False), (mapped, True)):
+        store = tmp_path / f"{on_disk}.h5"
+        commit(store, x, 0)
+        build_index(store, kind=factory)
+        loaded = load_index(store)  # held: the lists belong to its index
+        lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(loaded.index).invlists)
+        assert isinstance(lists, faiss.OnDiskInvertedLists) == on_disk, (factory, type(lists))
+
+
 class ReadLog:
     """An (n, dim) array that records how many rows each read asks for (the store's vector API)."""
 

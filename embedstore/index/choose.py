@@ -20,6 +20,9 @@ FLAT_MAX_ROWS = 20_000  # exact search answers a query in about a millisecond be
 HNSW_MAX_ROWS = 100_000  # HNSW builds in about a minute on two cores below this
 HNSW_M = 32
 PQ_MIN_ROWS = 100_000  # from here on, auto always picks compressed IVF-PQ codes re-ranked from the store
+# faiss memory-maps array inverted lists but reads fast-scan (4-bit, blocked) lists whole; above this
+# size a search would load them all, so auto picks 8-bit codes in a mapped array instead
+READ_WHOLE_MAX = 512 << 20
 DEFAULT_MEMORY = 4 * 2**30
 
 
@@ -79,8 +82,9 @@ def auto_candidates(n: int, dim: int) -> list[tuple[str, bool]]:
         out.append(("Flat", False))
     elif n < PQ_MIN_ROWS and n < HNSW_MAX_ROWS:
         out.append((f"HNSW{HNSW_M}", False))
-    if not dim % 4:
-        out.append((f"IVF{ivf_lists(n)},PQ{dim // 4}x4fs", True))
+    fast_scan = f"IVF{ivf_lists(n)},PQ{dim // 4}x4fs"
+    if not dim % 4 and estimate_bytes(fast_scan, n, dim) <= READ_WHOLE_MAX:
+        out.append((fast_scan, True))
     return out + [(f, True) for f in pq_codes(n, dim)]
 
 
@@ -112,9 +116,12 @@ def choose_factory(n: int, dim: int, memory: int = DEFAULT_MEMORY) -> str:
     * n < 20k: ``Flat`` (exact; a query costs about a millisecond)
     * n < 100k and the graph fits: ``HNSW32`` (best latency; builds in about a minute on two cores)
     * from ``PQ_MIN_ROWS`` (100k) rows on, or when those do not fit: ``IVF{lists},PQ{dim/4}x4fs``
-      (4-bit fast-scan codes, dim/8 bytes a vector, scanned with SIMD lookups), else, where even
-      those do not fit, ``OPQ{m},IVF{lists},PQ{m}`` with the largest 8-bit code that does (the
-      OPQ rotation is what keeps few bytes a vector accurate); the best ``k_factor * k``
+      (4-bit fast-scan codes, dim/8 bytes a vector, scanned with SIMD lookups) while that index
+      is at most ``READ_WHOLE_MAX`` (512 MiB: about 7M vectors of 512 dimensions), because faiss
+      cannot memory-map fast-scan lists and a search reads them whole; else, or where those do not
+      fit, ``OPQ{m},IVF{lists},PQ{m}np`` with the largest 8-bit code that fits (the OPQ rotation
+      is what keeps few bytes a vector accurate; its inverted lists are one array a search
+      memory-maps, so a query pages in only the lists it probes); the best ``k_factor * k``
       candidates of either are re-ranked exactly from the stored float16 vectors (:mod:`.rerank`,
       ``k_factor`` tuned with nprobe). From 100k rows on the full-vector copies
       of Flat, HNSW, IVF-Flat or IVF-PQ+RFlat (4 bytes a dimension, 2 GiB at 1M x 512) would

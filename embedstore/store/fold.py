@@ -33,6 +33,7 @@ from .format import (CATEGORICAL, COLUMN_CHUNK, FAILURE_COLUMNS, FORMAT, IMAGE_C
 from .integrity import check_space_compatible
 from .keys import KeyIndex, path_keys
 from .mainfile import StoreFile, read_rows
+from . import tallies
 
 FICLONE = 0x40049409  # linux/fs.h: share the extents of a file (btrfs, XFS, bcachefs)
 
@@ -67,6 +68,8 @@ class _Target:
         self.index = _indexed(self.images["key"])
         self.names = {c: json.loads(self.images[c].attrs.get("categories", "[]")) for c in CATEGORICAL}
         self._positions: dict[str, KeyIndex] = {}
+        # what `info` shows, kept up to date for the rows written (counted once for an older file)
+        self.tallies = tallies.read(self.images) or (tallies.scan(self.images) if self.n else tallies.empty())
 
     def positions(self, name: str) -> KeyIndex:
         """image row -> position in space ``name`` (built once per fold, kept up to date)."""
@@ -111,14 +114,19 @@ class _Target:
             sel = new if c in keep else np.ones(len(idx), bool)
             values = data[c][order][sel]
             if c in CATEGORICAL:
+                old = idx[sel & ~new]  # rows overwritten: their old names leave the tallies
+                removed = tallies.count_names(read_rows(self.images[c], old), self.names[c]) if len(old) else {}
                 values, self.names[c] = encode_categories(values.tolist(), self.names[c])
                 self.images[c].attrs["categories"] = json.dumps(self.names[c])
+                tallies.update(self.tallies, c, removed, tallies.count_names(values, self.names[c]))
             elif c in _STR_COLUMNS:
                 values = np.array([str(v) for v in values], dtype=h5py.string_dtype())
             else:
                 values = values.astype(column_dtype(c))
             _write_at(self.images[c], idx[sel], values)
         _write_at(self.images["key"], idx[new], path_keys(data["path"][order][new]))
+        self.tallies[tallies.ABSOLUTE] += tallies.absolute_count(data["path"][order][new])  # a row's path never changes
+        tallies.write(self.images, self.tallies)
 
 
 def _strings(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:

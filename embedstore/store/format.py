@@ -48,6 +48,7 @@ FAILURE_COLUMNS = ("path", "space", "error", "message", "size", "mtime")
 _STR_COLUMNS = {"path", "label", "split", "hash", "space", "error", "message"}
 VECTOR_CHUNK_BYTES = 1 << 16  # small chunks: reading one row costs one 64 KiB chunk
 COLUMN_CHUNK = 1 << 16
+TALLIES = "tallies"  # images attribute: what `info` counts (store/tallies.py keeps it up to date)
 _PART_RE = re.compile(r"^part-(\d{10})\.h5$")
 
 SpaceData = tuple[dict[str, Any], np.ndarray, np.ndarray]  # attrs, rows, vectors
@@ -199,6 +200,24 @@ def create_columns(group: h5py.Group, columns: Sequence[str], n: int, data: dict
     if columns == IMAGE_COLUMNS:
         keys = None if data is None else path_keys(data["path"])
         group.create_dataset("key", data=keys, shape=(n,), dtype=np.uint64, maxshape=(None,), chunks=(chunk,))
+        group.attrs[TALLIES] = json.dumps(tally_values(data or {c: [] for c in IMAGE_COLUMNS}), sort_keys=True)
+
+
+def absolute_count(paths: Sequence[Any]) -> int:
+    """How many of ``paths`` are absolute (stored outside the collection root)."""
+    return sum(1 for p in paths if os.path.isabs(p.decode() if isinstance(p, bytes) else str(p)))
+
+
+def tally_values(images: dict[str, Sequence[Any]]) -> dict[str, Any]:
+    """The tallies of image columns given as values: images per name of each categorical column
+    ("" and None are none) and the number of absolute paths."""
+    out: dict[str, Any] = {}
+    for c in CATEGORICAL:
+        names, counts = np.unique(np.array([str(v) for v in images[c] if v is not None and str(v)], dtype=str),
+                                  return_counts=True)
+        out[c] = {str(k): int(v) for k, v in zip(names, counts)}
+    out["absolute_paths"] = absolute_count(images["path"])
+    return out
 
 
 def create_space(group: h5py.Group, name: str, attrs: dict[str, Any], n: int, dim: int, dtype: Any,

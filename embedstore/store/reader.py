@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from ..errors import StoreError
 from .format import CATEGORICAL, FAILURE_COLUMNS, IMAGE_COLUMNS, column_dtype, encode_categories, journal_dir, list_parts
 from .integrity import check_space_compatible
 from .keys import KeyIndex, path_keys
+from . import tallies
 from .mainfile import StoreFile
 from .space import Space, VectorArray, _Images
 
@@ -288,12 +290,18 @@ class Store:
         return rel if os.path.isabs(rel) else os.path.join(self.root, rel)
 
     def summary(self) -> dict[str, Any]:
-        """A JSON-ready description (what ``embedstore info --json`` prints); reads no vectors."""
-        counts = {}
+        """A JSON-ready description (what ``embedstore info --json`` prints); reads no vectors and no
+        column: the counts are the main file's tallies (:mod:`.tallies`) moved by the journal's rows."""
+        main = self._main
+        counts = (tallies.read(main.images) or tallies.scan(main.images)) if main is not None else tallies.empty()
+        from_main = self._ov_rows[self._ov_rows < self._n_main]
         for c in CATEGORICAL:
-            codes, names = self.image_codes(c)
-            n = np.bincount(codes[codes >= 0], minlength=len(names)) if len(names) else []
-            counts[c] = {names[i]: int(n[i]) for i in np.argsort(names) if n[i]}
+            removed = tallies.count_names(*self._main.codes(c, from_main)) if len(from_main) else {}
+            added = Counter(v for v in self._ov_arrays[c].tolist() if v)
+            tallies.update(counts, c, removed, added)
+            counts[c] = {k: counts[c][k] for k in sorted(counts[c])}
+        new_slots = self._ov_slots[self._ov_rows >= self._n_main]  # images the journal adds
+        absolute = counts[tallies.ABSOLUTE] + tallies.absolute_count(self._ov_arrays["path"][new_slots].tolist())
         return {
             "store": str(self.path),
             "root": self.root,
@@ -301,6 +309,7 @@ class Store:
             "failures": len(self.failures),
             "labels": counts["label"],
             "splits": counts["split"],
+            "absolute_paths": absolute,
             "journal_parts": self.journal_parts,
             "generation": self.generation,
             "spaces": [
