@@ -167,7 +167,7 @@ def run_size(n: int, args: argparse.Namespace, env: dict[str, str]) -> dict[str,
     images_root = work / "images"
     result: dict[str, Any] = {"n": n, "commands": {}}
     gb = n * 512 * 2 / 1e9  # one copy of the vectors
-    need = gb * 7  # layout, store, halves, raw write, merge target, raw merge, index ~ 7 copies
+    need = gb * 5  # at most 5 copies at once: layout + store + halves + raw write, later store + halves + 2 merges
     result["disk_free_gb_before"] = round(free_gb(args.work), 1)
     result["skipped"] = {}
     if free_gb(args.work) < need + 5:  # the layout, the store and its index only: no merge, no raw write

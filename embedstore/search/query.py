@@ -21,11 +21,11 @@ import numpy as np
 from .._vectors import l2_normalize
 from ..errors import QueryError, SidecarError
 from ..index.files import LoadedIndex, index_is_current, load_built_index
+from ..index.rerank import search_index
 from ..index.tune import omp_threads
 from ..index.vectors import exact_knn, normalized
 from ..store import Space, Store, open_store
 from ..utils import timed
-from .rerank import index_search
 from .rows import WHERE_KEYS, check_where, filter_positions, parse_where, self_rows, stored_rows  # noqa: F401 (API)
 
 FILTER_EXACT_MAX = 100_000  # filtered queries over at most this many rows are answered exactly
@@ -124,13 +124,12 @@ def knn(sp: Space, queries: np.ndarray, k: int, index: LoadedIndex | None,
         return exact_knn(queries, sp.vectors, sp.rows, k, positions)
     if index is None:
         return exact_knn(queries, sp.vectors, sp.rows, k)
-    search = index_search(sp, index)
     if positions is None:
         with omp_threads(1 if len(queries) == 1 else faiss.omp_get_max_threads()):
-            return search(queries, k)
+            return search_index(index, sp, queries, k)
     allowed = sp.rows[positions]
     wanted = min(len(sp), int(np.ceil(k * len(sp) / max(1, len(positions)) * 2)))
-    scores, rows = search(queries, wanted)
+    scores, rows = search_index(index, sp, queries, wanted)
     out_s = np.full((len(queries), k), -np.inf, np.float32)
     out_r = np.full((len(queries), k), -1, np.int64)
     for i in range(len(queries)):
