@@ -166,23 +166,28 @@ def run_size(n: int, args: argparse.Namespace, env: dict[str, str]) -> dict[str,
     store, store_a, store_b, target = work / "s.h5", work / "a.h5", work / "b.h5", work / "merged.h5"
     images_root = work / "images"
     result: dict[str, Any] = {"n": n, "commands": {}}
+    if work.exists():
+        shutil.rmtree(work)
     gb = n * 512 * 2 / 1e9  # one copy of the vectors
     need = gb * 5  # at most 5 copies at once: layout + store + halves + raw write, later store + halves + 2 merges
     result["disk_free_gb_before"] = round(free_gb(args.work), 1)
     result["skipped"] = {}
-    if free_gb(args.work) < need + 5:  # the layout, the store and its index only: no merge, no raw write
+    direct = False  # write the store without a layout (generated in memory), when even that does not fit
+    if free_gb(args.work) < need + 5:  # the layout, the import's journal and the store: no merge, no raw write
         why = f"needs about {need:.0f} GB free under {args.work}, has {free_gb(args.work):.0f} GB"
-        for cmd in ("merge", "write"):
-            result["skipped"][cmd if cmd == "merge" else "write raw"] = why
-        need = gb * 2.3
+        result["skipped"].update({"merge": why, "write raw": why})
+        need = gb * 3.1
+        if free_gb(args.work) < need + 5:  # the journal and the store it is folded into
+            direct, need = True, gb * 2.1
     if free_gb(args.work) < need + 5:
         result["error"] = f"needs about {need:.0f} GB free under {args.work}, has {free_gb(args.work):.0f} GB"
         print(f"{name}: skipped ({result['error']})", flush=True)
         return result
+    if args.direct and not direct:
+        direct = True
+        result["skipped"].update({"merge": "--direct", "write raw": "--direct"})
     for what, why in result["skipped"].items():
         print(f"  {name:>5} {what}: skipped ({why})", flush=True)
-    if work.exists():
-        shutil.rmtree(work)
     work.mkdir(parents=True)
     cmds = result["commands"]
 
@@ -210,20 +215,26 @@ def run_size(n: int, args: argparse.Namespace, env: dict[str, str]) -> dict[str,
         return cmd in args.commands
 
     t0 = time.perf_counter()
-    lay = measure([py, data, "layout", str(layout), "--rows", str(n), "--part-rows", str(args.part_rows)], env,
-                  work / "layout.out", args.timeout)
-    result["layout"] = lay
-    print(f"  {name:>5} {'layout':<10} {'generate':<10} {lay['wall_s']:8.2f} s {lay['rss_kib'] / 2**20:6.2f} GiB", flush=True)
-    if "error" in lay:
-        result["error"] = lay["error"]
-        return result
-    from scale_data import halves
+    if direct:
+        result["write_method"] = "generated in memory, committed part by part (no layout: disk)"
+        one("write", "embedstore", [py, data, "direct", str(store), "--rows", str(n), "--root", str(images_root),
+                                    "--part-rows", str(args.part_rows)], 1)
+    else:
+        lay = measure([py, data, "layout", str(layout), "--rows", str(n), "--part-rows", str(args.part_rows)], env,
+                      work / "layout.out", args.timeout)
+        result["layout"] = lay
+        print(f"  {name:>5} {'layout':<10} {'generate':<10} {lay['wall_s']:8.2f} s {lay['rss_kib'] / 2**20:6.2f} GiB",
+              flush=True)
+        if "error" in lay:
+            result["error"] = lay["error"]
+            return result
+        from scale_data import halves
 
-    halves(layout, half_a, half_b)
-    one("write", "embedstore", [py, data, "write", str(layout), str(store), "--root", str(images_root)], 1)
-    if wanted("write") and "write raw" not in result["skipped"]:
-        one("write", "raw", [py, raw, "write", str(layout), str(work / "raw_write.h5")], 1)
-        (work / "raw_write.h5").unlink(missing_ok=True)
+        halves(layout, half_a, half_b)
+        one("write", "embedstore", [py, data, "write", str(layout), str(store), "--root", str(images_root)], 1)
+        if wanted("write") and "write raw" not in result["skipped"]:
+            one("write", "raw", [py, raw, "write", str(layout), str(work / "raw_write.h5")], 1)
+            (work / "raw_write.h5").unlink(missing_ok=True)
     if not cmds["write"]["embedstore"]["ok"]:
         result["error"] = "the store could not be written: " + cmds["write"]["embedstore"].get("error", "")
         return result
@@ -315,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-raw-index", action="store_true", help="Skip the raw faiss build beside embedstore index.")
     ap.add_argument("--raw-index-max", type=parse_size, default=parse_size("10M"),
                     help="Build the raw faiss baseline index only up to this size (it takes as long as ours).")
+    ap.add_argument("--direct", action="store_true",
+                    help="Write the stores generated in memory, without the layout (chosen anyway when disk is short).")
     ap.add_argument("--add", action="store_true",
                     help="Keep the other sizes already in --out (measured on the same CPU) and add these.")
     ap.add_argument("--timeout", type=float, default=1800, help="Seconds before a command is killed (and recorded).")

@@ -20,6 +20,7 @@ Crash safety: none needed, this is scratch data; a killed run leaves files the n
 
     python benchmarks/scale_data.py layout DIR --rows 1000000
     python benchmarks/scale_data.py write DIR STORE.h5 --root ROOT
+    python benchmarks/scale_data.py direct STORE.h5 --rows 30M --root ROOT   # no layout: when disk is short
 """
 from __future__ import annotations
 
@@ -194,6 +195,23 @@ def write_store(folder: Path, store: Path, root: Path, space: str = SPACE) -> di
     return {"method": method, "seconds": time.perf_counter() - t0}
 
 
+def write_direct(store: Path, n: int, root: Path, part_rows: int = 100_000, seed: int = SEED) -> dict[str, Any]:
+    """The rows ``write_layout`` + ``write_store`` would give, generated in memory and committed part by
+    part through one ``StoreWriter`` (``commit_arrays``, what ``add_vectors`` does), folded once at the
+    end: for a size whose layout, journal and folded store do not fit on the disk together."""
+    from embedstore.pipeline.importer import ARRAYS_FORMAT, lineage
+    from embedstore.store import StoreWriter
+
+    t0 = time.perf_counter()
+    attrs = lineage(DIM, "float16", ARRAYS_FORMAT, f"benchmarks/scale_data.py seed {seed}")
+    model = _model(seed, DIM)
+    with StoreWriter(store, root=str(root)) as w:
+        for i, start in enumerate(range(0, n, part_rows)):
+            p = part(i, start, min(n, start + part_rows), n, seed, DIM, model)
+            w.commit_arrays(SPACE, attrs, p["vectors"], p["paths"], labels=list(p["labels"]), splits=list(p["splits"]))
+    return {"method": "commit_arrays (generated in memory, no layout)", "rows": n, "seconds": time.perf_counter() - t0}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -205,9 +223,16 @@ def main(argv: list[str] | None = None) -> None:
     wr.add_argument("folder", type=Path)
     wr.add_argument("store", type=Path)
     wr.add_argument("--root", type=Path, required=True)
+    direct = sub.add_parser("direct", help="Write a store of --rows synthetic vectors without a layout on disk.")
+    direct.add_argument("store", type=Path)
+    direct.add_argument("--rows", type=parse_size, required=True)
+    direct.add_argument("--root", type=Path, required=True)
+    direct.add_argument("--part-rows", type=int, default=100_000)
     args = ap.parse_args(argv)
     if args.cmd == "layout":
         print(json.dumps(write_layout(args.folder, args.rows, args.part_rows)))
+    elif args.cmd == "direct":
+        print(json.dumps(write_direct(args.store, args.rows, args.root, args.part_rows)))
     else:
         print(json.dumps(write_store(args.folder, args.store, args.root)))
 
