@@ -4,8 +4,11 @@ Wire into the main group with ``register(main)``.
 """
 from __future__ import annotations
 
+import itertools
+import json
 import os
-from typing import Any
+import textwrap
+from typing import Any, Iterator
 
 import click
 
@@ -159,7 +162,11 @@ def predict(head: str, images: tuple[str, ...], top_k: int, device: str, batch_s
 
 def _predict_store(h: Any, store: str, space: str | None, paths: list[str] | None, top_k: int, out: str | None,
                    as_json: bool) -> None:
-    """``predict --store``: the store's vectors labelled chunk by chunk, to a CSV file or printed."""
+    """``predict --store``: the store's vectors labelled chunk by chunk, to a CSV file or printed.
+
+    Printed output is written a chunk at a time too (the JSON text is what ``emit_json`` would print
+    for the whole list; a table's columns are aligned within each chunk), so memory follows one chunk.
+    """
     from embedstore.heads import predict_store, write_predictions
     from embedstore_cli.main import _table
 
@@ -171,14 +178,33 @@ def _predict_store(h: Any, store: str, space: str | None, paths: list[str] | Non
         else:
             click.echo(f"{n} prediction(s) written to {out}")
         return
-    preds = [p for chunk in chunks for p in chunk]
+    chunks = itertools.chain([next(chunks, [])], chunks)  # another space's head is refused before any output
     if as_json:
-        emit_json({"head": str(h.path), "store": store, "space": space or h.space, "model": h.model,
-                   "predictions": preds})
+        _echo_json_list({"head": str(h.path), "store": store, "space": space or h.space, "model": h.model},
+                        "predictions", chunks)
         return
-    rows = [[p["path"], p["label"], f"{p['probability']:.3f}", ", ".join(f"{t['label']} {t['p']:.2f}" for t in p["top"])]
-            for p in preds]
-    click.echo(_table(rows, ["image", "label", "p", f"top {min(top_k, len(h.classes))}"]))
+    header = ["image", "label", "p", f"top {min(top_k, len(h.classes))}"]
+    printed = False
+    for preds in chunks:
+        if preds or not printed:  # the header once (alone for no prediction), then each chunk's rows
+            rows = [[p["path"], p["label"], f"{p['probability']:.3f}",
+                     ", ".join(f"{t['label']} {t['p']:.2f}" for t in p["top"])] for p in preds]
+            lines = _table(rows, header).split("\n")
+            click.echo("\n".join(lines[2:] if printed else lines))
+            printed = True
+
+
+def _echo_json_list(head: dict[str, Any], key: str, chunks: Iterator[list[Any]]) -> None:
+    """Print ``{**head, key: [every item of chunks]}`` as ``emit_json`` would, one chunk at a time."""
+    opening = json.dumps({**head, key: []}, indent=2, default=str)  # ends with '"KEY": []' and '}'
+    click.echo(opening[: -len("]\n}")], nl=False)
+    first = True
+    for chunk in chunks:
+        for item in chunk:
+            click.echo(("\n" if first else ",\n") + textwrap.indent(json.dumps(item, indent=2, default=str), "    "),
+                       nl=False)
+            first = False
+    click.echo("]\n}" if first else "\n  ]\n}")
 
 
 def register(group: click.Group) -> None:

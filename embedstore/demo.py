@@ -99,7 +99,10 @@ def nearest_neighbours(store_path: str | os.PathLike, k: int = 5) -> dict[str, A
     from .search.query import search
     from .store import open_store
 
-    sp = open_store(store_path).space()
-    first_val = list(sp.splits).index("val")
-    hits = search(store_path, rows=[int(sp.rows[first_val])], k=k, exclude_self=True)["results"][0]
-    return {"query": str(sp.paths[first_val]), "hits": hits}
+    with open_store(store_path) as st:
+        sp = st.space()
+        codes, names = sp.codes("split")  # an int32 per vector, not a string column
+        first_val = int(np.flatnonzero(codes == names.index("val"))[0])
+        row, query = int(sp.rows[first_val]), str(sp.column("path", [first_val])[0])
+    hits = search(store_path, rows=[row], k=k, exclude_self=True)["results"][0]
+    return {"query": query, "hits": hits}

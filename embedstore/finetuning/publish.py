@@ -4,28 +4,66 @@ Crash safety: ``backbone.safetensors`` is written atomically (temporary file, fs
 checked to reload to the trained weights before anything is embedded; the new space's vectors go
 through :class:`embedstore.store.StoreWriter`'s journalled commits, so a killed re-embedding
 resumes where it stopped (:func:`embedstore.pipeline.run.plan` skips the rows already there).
+
+Re-embedding touches every image, so every path is read, but ``REEMBED_ROWS`` rows at a time
+(path, label and split of those rows only, planned and embedded before the next are read): memory
+follows one chunk, not the collection. No vector of the store is read here.
 """
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
 from tqdm import tqdm
 
 from . import training as T
 from .config import Run
 from ..backbones.load import load_backbone, weights_checksum
+from ..data.collection import MAX_FILE_BYTES
 from ..data.reader import ImageItem
-from ..embedding.embedder import Embedder, iter_embeddings
+from ..embedding.embedder import Embedder
 from ..errors import FinetuneError
 from ..pipeline.plan import plan
-from ..store import Batch, Store, StoreWriter
+from ..pipeline.worker import embed_batches
+from ..store import Store, StoreWriter
+
+REEMBED_ROWS = 65536  # store rows listed, planned and embedded at a time
 
 
 def item(st: Store, path: str, label: str, split: str) -> ImageItem:
     """The store's row ``path`` as an image to read."""
     return ImageItem(st.abspath(path), path, label, split)
+
+
+def store_items(st: Store, chunk: int = REEMBED_ROWS) -> Iterator[list[ImageItem]]:
+    """Every image of the store as items to read, ``chunk`` rows at a time in row order: the path,
+    label and split columns are read for those rows only (never a whole column)."""
+    for a in range(0, st.n_images, chunk):
+        rows = np.arange(a, min(st.n_images, a + chunk))
+        columns = [st.image_column(c, rows) for c in ("path", "label", "split")]
+        yield [item(st, *r) for r in zip(*columns)]
+
+
+def reembed(st: Store, store_path: Any, out_space: str, embedder: Embedder, attrs: dict[str, Any], *,
+            batch_size: int, workers: int | None, progress: bool, chunk: int = REEMBED_ROWS) -> dict[str, int]:
+    """Embed every image of ``st`` into ``out_space`` of the store at ``store_path``, ``chunk`` rows at a
+    time; rows the space already holds unchanged are skipped (a killed run resumes). Returns
+    ``{"embedded", "failed", "images"}``."""
+    embedded = failed = 0
+    with StoreWriter(store_path, root=st.root) as writer:
+        snapshot = writer.snapshot()
+        with tqdm(total=st.n_images, unit="img", desc=f"embed {out_space}", disable=not progress,
+                  file=sys.stderr) as bar:
+            for items in store_items(st, chunk):
+                todo, _, _ = plan(items, snapshot, out_space)
+                bar.update(len(items) - len(todo))  # already there
+                if todo:
+                    done, bad = embed_batches(todo, embedder, writer, out_space, attrs, batch_size=batch_size,
+                                              workers=workers, max_bytes=MAX_FILE_BYTES, progress=progress, bar=bar)
+                    embedded, failed = embedded + done, failed + bad
+    return {"embedded": embedded, "failed": failed, "images": st.n_images}
 
 
 def publish(run: Run, net: T.Network, state: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
@@ -60,27 +98,7 @@ def publish(run: Run, net: T.Network, state: dict[str, Any], summary: dict[str, 
                           "val_source": summary["val_source"], "epochs_run": summary["epochs_run"],
                           "best_epoch": state["best"]["epoch"], "best_val_accuracy": state["best"]["val_accuracy"],
                           "frozen_probe_val_accuracy": summary["frozen_probe_val_accuracy"]}}
-    rows = [(p, lab, s) for p, lab, s in zip(st.images["path"], st.images["label"], st.images["split"])]
-    items = [item(st, *r) for r in rows]
-    embedded = failed = 0
-    with StoreWriter(store_path, root=st.root) as writer:
-        todo, _, _ = plan(items, writer.snapshot(), out_space)
-        bar = tqdm(total=len(todo), unit="img", desc=f"embed {out_space}", disable=not cfg.progress, file=sys.stderr)
-        for results, vectors in iter_embeddings(todo, embedder, cfg.batch_size, run.workers):
-            batch, k = Batch(), 0
-            for r in results:
-                it = todo[r.index]
-                if r.error:
-                    batch.add_failure(path=it.rel, space=out_space, error=r.error, message=r.message, size=r.size,
-                                      mtime=r.mtime)
-                    failed += 1
-                else:
-                    batch.add_image(vectors[k], path=it.rel, label=it.label, split=it.split, size=r.size,
-                                    hash=r.hash, mtime=r.mtime)
-                    k, embedded = k + 1, embedded + 1
-            writer.commit(batch, out_space, attrs)
-            bar.update(len(results))
-        bar.close()
+    counts = reembed(st, store_path, out_space, embedder, attrs, batch_size=cfg.batch_size, workers=run.workers,
+                     progress=cfg.progress)
     return {"backbone_weights": str(weights.resolve()), "weights_sha256": fine.weights_sha256,
-            "checkpoint_sha256": checkpoint_sha, "embedded": embedded, "failed": failed,
-            "images": len(items)}
+            "checkpoint_sha256": checkpoint_sha, **counts}

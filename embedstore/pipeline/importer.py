@@ -260,10 +260,9 @@ def _label_columns(snap: Store | None, rows: Any, labels: list | None, splits: l
         return out
     rows = rows() if callable(rows) else rows
     known = np.flatnonzero(rows >= 0)
-    read = getattr(snap, "image_column", None)
     for key in gaps if len(known) else ():
         col = key[:-1]
-        have = read(col, rows[known]) if read is not None else np.asarray(snap.images[col])[rows[known]]
+        have = snap.image_column(col, rows[known])  # the chunk's known rows only
         values = list(out[key])
         for j, v in zip(known.tolist(), have.tolist()):
             if values[j] in (None, ""):

@@ -30,12 +30,18 @@ if TYPE_CHECKING:
 
 def embed_batches(todo: Sequence[ImageItem], embedder: Embedder, writer: StoreWriter, space: str,
                   attrs: dict[str, Any], *, batch_size: int, workers: int | None, max_bytes: int,
-                  progress: bool) -> tuple[int, int]:
-    """Decode, embed and commit ``todo`` batch by batch (one journal part each); returns (embedded, failed)."""
+                  progress: bool, bar: Any = None) -> tuple[int, int]:
+    """Decode, embed and commit ``todo`` batch by batch (one journal part each); returns (embedded, failed).
+
+    ``bar``: a progress bar to advance (left open: a caller that embeds in several calls keeps one);
+    by default one is made for ``todo`` and closed at the end.
+    """
     from ..embedding.embedder import iter_embeddings  # torch: imported only when there is work
 
     embedded = failed = 0
-    bar = tqdm(total=len(todo), unit="img", desc=f"embed {space}", disable=not progress, file=sys.stderr)
+    own = bar is None
+    if own:
+        bar = tqdm(total=len(todo), unit="img", desc=f"embed {space}", disable=not progress, file=sys.stderr)
     try:
         for results, vectors in iter_embeddings(todo, embedder, batch_size, workers, max_bytes):
             batch = Batch()
@@ -54,7 +60,8 @@ def embed_batches(todo: Sequence[ImageItem], embedder: Embedder, writer: StoreWr
             writer.commit(batch, space, attrs)
             bar.update(len(results))
     finally:
-        bar.close()
+        if own:
+            bar.close()
     return embedded, failed
 
 

@@ -108,7 +108,7 @@ def write_report(store: str | os.PathLike | Store, out: str | os.PathLike, *,
     max_points, queries, k = clamp_sizes(st, spaces, max_points, queries, k, notes)
     with stage("summary", "collection summary"):
         thumbs = Thumbnails(st, thumb_px)
-        colors = label_colors(st.images["label"])
+        colors = label_colors(st.summary()["labels"])  # the names the store counts: no column read
         order = np.random.default_rng(seed).permutation(st.n_images)  # one sample, shared by every space
         query_rows = pick_queries(order, st, spaces, queries)
         sections = [section("summary", "collection", summary_data(st)),
@@ -186,8 +186,9 @@ def pick_queries(order: np.ndarray, st: Store, spaces: list[Space], n: int) -> l
         common = common[np.isin(common, sp.rows)]
     n = min(n, len(common))
     by_label: dict[str, list[int]] = {}
-    for row in common[: max(n * 50, 1000)]:
-        by_label.setdefault(str(st.images["label"][row]), []).append(int(row))
+    candidates = common[: max(n * 50, 1000)]
+    for row, label in zip(candidates.tolist(), st.image_column("label", candidates)):  # these rows' labels only
+        by_label.setdefault(str(label), []).append(row)
     picked: list[int] = []
     for depth in range(n):
         picked += [rows[depth] for rows in by_label.values() if depth < len(rows)]
@@ -262,7 +263,7 @@ def neighbours_data(st: Store, sp: Space, query_rows: list[int], k: int, thumbs:
         notes.append(f"space {sp.name}: {e}; galleries use exact search")
         result = search(st, rows=query_rows, k=k, space=sp.name, exclude_self=True, exact=True)
     notes += [f"space {sp.name}: {n}" for n in result["notes"] if not n.startswith("no index")]
-    labels = st.images["label"]
+    labels = dict(zip(query_rows, st.image_column("label", query_rows)))  # the queries' labels only
     thumbs.add(query_rows + [h["row"] for hits in result["results"] for h in hits])
     same = total = 0
     rows = []
@@ -301,7 +302,7 @@ def run_classify(st: Store, spaces: list[Space], heads: list[str], seed: int, no
     """The classifier comparison (:func:`embedstore.heads.classify`), or None when it does not apply."""
     from ..heads import classify
 
-    if not heads or len({str(x) for x in st.images["label"] if x}) < 2:
+    if not heads or len(st.summary()["labels"]) < 2:  # label counts kept in the store: no column read
         return None
     try:
         return classify(str(st.path), spaces=[sp.name for sp in spaces], models=heads, seed=seed)
@@ -364,9 +365,10 @@ def static_file(env: Any, name: str) -> Any:
 def render_page(st: Store, intro: dict[str, Any], sections: list[dict[str, Any]], thumbs: Thumbnails,
                 notes: list[str], stages: dict[str, float]) -> str:
     """The whole page: sections, the hover tooltip, the thumbnails as JSON (keyed by store row) and the JS."""
-    labels, paths = st.images["label"], st.images["path"]
+    rows = list(thumbs.uris)
+    labels = st.image_column("label", rows)  # the rows with a thumbnail only
     env = environment()
-    data = {str(r): [uri, str(paths[r]), str(labels[r])] for r, uri in thumbs.uris.items()}
+    data = {str(r): [thumbs.uris[r], thumbs.paths[r], str(lab)] for r, lab in zip(rows, labels)}
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in stages.items() if k != "html")
     return env.get_template("report.html.j2").render(
         name=st.path.name, store_path=str(st.path), sections=sections, intro=intro, notes=notes,

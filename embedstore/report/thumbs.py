@@ -86,29 +86,32 @@ class Thumbnails:
     def __init__(self, st: Store, px: int) -> None:
         self.st, self.px = st, px
         self.uris: dict[int, str] = {}
+        self.paths: dict[int, str] = {}  # the stored path of each row with a thumbnail
         self.missing: set[int] = set()
         self.changed: set[int] = set()
         self._placeholder = data_uri(placeholder_jpeg(px))
 
     def add(self, rows: Sequence[int]) -> None:
+        """Make the thumbnails of ``rows`` not made yet (their paths and hashes read for those rows only)."""
         todo = list(dict.fromkeys(int(r) for r in rows if int(r) not in self.uris))
         if not todo:
             return
-        paths, hashes = self.st.images["path"], self.st.images["hash"]
-        jobs = [(self.st.abspath(str(paths[r])), str(hashes[r])) for r in todo]
+        paths, hashes = self.st.image_column("path", todo), self.st.image_column("hash", todo)
+        jobs = [(self.st.abspath(str(p)), str(h)) for p, h in zip(paths, hashes)]
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
             done = pool.map(lambda job: verified_thumbnail(job[0], job[1], self.px), jobs)
-            for row, (jpeg, why) in zip(todo, done):
+            for row, path, (jpeg, why) in zip(todo, paths, done):
                 if why == CHANGED:
                     self.changed.add(row)
                 elif why == MISSING:
                     self.missing.add(row)
                 self.uris[row] = self._placeholder if jpeg is None else data_uri(jpeg)
+                self.paths[row] = str(path)
 
     def img(self, row: int, caption: str = "") -> dict[str, Any]:
         """What the template's ``img`` macro needs: src, alt (the path), title, and whether it is a placeholder."""
         self.add([row])
-        path = str(self.st.images["path"][row])
+        path = self.paths[row]
         why = CHANGED if row in self.changed else MISSING if row in self.missing else None
         return {"src": self.uris[row], "alt": path, "title": path + (self.WHY[why] if why else "") + caption,
                 "missing": why is not None}
