@@ -28,8 +28,8 @@ import numpy as np
 
 from .._atomic import atomic_write_bytes, fsync_dir, temporary_beside
 from ..errors import StoreError
-from .format import (CATEGORICAL, COLUMN_CHUNK, FAILURE_COLUMNS, FORMAT, IMAGE_COLUMNS, _STR_COLUMNS, column_dtype,
-                     create_columns, create_space, decode_attrs, encode_categories, no_space_error, write_attrs)
+from .format import (CATEGORICAL, COLUMN_CHUNK, FAILURE_COLUMNS, FORMAT, IDENTITY, IMAGE_COLUMNS, _STR_COLUMNS,
+                     column_dtype, create_columns, create_space, decode_attrs, encode_categories, no_space_error, write_attrs)
 from .integrity import check_space_compatible
 from .keys import KeyIndex, path_keys
 from .mainfile import StoreFile, read_rows
@@ -147,6 +147,15 @@ def _write_at(ds: h5py.Dataset, idx: np.ndarray, values: np.ndarray) -> None:
         ds[lo:lo + len(run)] = values[run[0]:run[-1] + 1]
 
 
+def _identity(ds: h5py.Dataset) -> bool:
+    """Whether a space's rows dataset holds row p at every position p (its attribute; counted once,
+    a chunk at a time, for a file written before the attribute existed)."""
+    if IDENTITY not in ds.attrs:
+        ds.attrs[IDENTITY] = all(np.array_equal(ds[a:a + COLUMN_CHUNK], np.arange(a, min(len(ds), a + COLUMN_CHUNK)))
+                                 for a in range(0, len(ds), COLUMN_CHUNK))
+    return bool(ds.attrs[IDENTITY])
+
+
 def _remove_positions(g: h5py.Group, drop: np.ndarray, index: KeyIndex) -> None:
     """Remove vectors at positions ``drop`` (sorted, distinct): the last ones move into the holes."""
     m = int(g["vectors"].shape[0])
@@ -209,6 +218,7 @@ def apply_file(target: _Target, part: StoreFile, seq: int, chunk: int = COLUMN_C
         m = int(g["vectors"].shape[0])
         new = np.flatnonzero(pos < 0)
         pos[new] = m + np.arange(len(new))
+        identity = _identity(g["rows"]) and np.array_equal(pos[new], rows[new])  # overwrites keep pos == row
         total = m + len(new)
         for ds_name in ("vectors", "rows", "version"):
             g[ds_name].resize((total,) + g[ds_name].shape[1:])
@@ -221,6 +231,7 @@ def apply_file(target: _Target, part: StoreFile, seq: int, chunk: int = COLUMN_C
             _write_at(g["vectors"], idx, block[srt])
             _write_at(g["rows"], idx, rows[s][srt])
             _write_at(g["version"], idx, np.full(len(idx), seq, np.int64))
+        g["rows"].attrs[IDENTITY] = identity
         g.attrs["generation"] = seq
         written[name] = rows
     if len(changed_rows):  # content changed: vectors from before the change are stale in every other space
@@ -231,6 +242,7 @@ def apply_file(target: _Target, part: StoreFile, seq: int, chunk: int = COLUMN_C
             drop = target.positions(name).lookup(stale.astype(np.uint64))
             drop = np.unique(drop[drop >= 0])
             if len(drop):
+                g["rows"].attrs[IDENTITY] = _identity(g["rows"]) and int(drop[0]) == len(g["rows"]) - len(drop)
                 _remove_positions(g, drop, target.positions(name))
                 g.attrs["generation"] = seq
     _merge_failures(f, part, written, mapping)

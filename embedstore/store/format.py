@@ -48,6 +48,7 @@ FAILURE_COLUMNS = ("path", "space", "error", "message", "size", "mtime")
 _STR_COLUMNS = {"path", "label", "split", "hash", "space", "error", "message"}
 VECTOR_CHUNK_BYTES = 1 << 16  # small chunks: reading one row costs one 64 KiB chunk
 COLUMN_CHUNK = 1 << 16
+IDENTITY = "identity"  # attribute of a space's rows dataset: rows[p] == p for every position p
 TALLIES = "tallies"  # images attribute: what `info` counts (store/tallies.py keeps it up to date)
 _PART_RE = re.compile(r"^part-(\d{10})\.h5$")
 
@@ -228,8 +229,9 @@ def create_space(group: h5py.Group, name: str, attrs: dict[str, Any], n: int, di
     size = n or expected
     g.create_dataset("vectors", data=vectors, shape=(n, dim), dtype=dtype, maxshape=(None, dim),
                      chunks=(chunk_rows(size, vector_chunk(dim, dtype)), dim))
-    g.create_dataset("rows", data=None if rows is None else np.asarray(rows, np.int64), shape=(n,), dtype=np.int64,
-                     maxshape=(None,), chunks=(chunk_rows(size, COLUMN_CHUNK),))
+    ds = g.create_dataset("rows", data=None if rows is None else np.asarray(rows, np.int64), shape=(n,),
+                          dtype=np.int64, maxshape=(None,), chunks=(chunk_rows(size, COLUMN_CHUNK),))
+    ds.attrs[IDENTITY] = bool(n == 0 if rows is None else np.array_equal(np.asarray(rows), np.arange(n)))
     g.create_dataset("version", data=None if versions is None else np.asarray(versions, np.int64), shape=(n,),
                      dtype=np.int64, maxshape=(None,), chunks=(chunk_rows(size, COLUMN_CHUNK),))
     write_attrs(g.attrs, attrs)

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError
-from .format import CATEGORICAL, FAILURE_COLUMNS, IMAGE_COLUMNS, column_dtype, encode_categories, journal_dir, list_parts
+from .format import (CATEGORICAL, FAILURE_COLUMNS, IDENTITY, IMAGE_COLUMNS, column_dtype, encode_categories,
+                     journal_dir, list_parts)
 from .integrity import check_space_compatible
 from .keys import KeyIndex, path_keys
 from . import tallies
@@ -197,6 +198,8 @@ class Store:
                 main_keep = np.flatnonzero(~drop)
                 generation = max([generation] + [self._changed[r] for r in main_rows[drop].tolist() if r in self._changed])
         array = VectorArray(main, ms, main_keep, vectors)
+        # position p holds image row p (the main file says so, and the journal changes nothing here)
+        identity = ms is not None and main_keep is None and not len(rows) and bool(ms.rows.attrs.get(IDENTITY))
         extra_rows, extra_seqs = rows, seqs
 
         def all_rows() -> np.ndarray:
@@ -207,7 +210,7 @@ class Store:
             base = main.space_versions(ms) if ms is not None else np.empty(0, np.int64)
             return np.concatenate([base if main_keep is None else base[main_keep], extra_seqs])
 
-        return Space(name, attrs, all_rows, array, all_versions, self, generation)
+        return Space(name, attrs, all_rows, array, all_versions, self, generation, identity=identity)
 
     def space(self, name: str | None = None) -> Space:
         """Return the space called ``name``; without a name, the first frozen space.

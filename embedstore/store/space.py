@@ -112,9 +112,10 @@ class Space:
     def __init__(self, name: str, attrs: dict[str, Any], rows: np.ndarray | Callable[[], np.ndarray],
                  vectors: Any, versions: np.ndarray | Callable[[], np.ndarray] | None = None,
                  store: Any = None, generation: int | None = None,
-                 columns: dict[str, np.ndarray] | None = None) -> None:
+                 columns: dict[str, np.ndarray] | None = None, identity: bool = False) -> None:
         self.name, self.attrs, self.vectors, self.store = name, attrs, vectors, store
         self._rows, self._versions, self._generation = rows, versions, generation
+        self._identity = identity  # position p holds image row p: positions need no read of ``rows``
         self._columns = dict(columns or {})  # values per position, for a detached subset
 
     @cached_property
@@ -154,6 +155,8 @@ class Space:
     def positions_of(self, rows: Any) -> np.ndarray:
         """Position of each image row in this space, -1 where the row has no vector here."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if self._identity:
+            return np.where((rows >= 0) & (rows < len(self)), rows, -1).astype(np.int64)
         order, srt = self._sorted
         if not len(srt):
             return np.full(len(rows), -1, np.int64)
@@ -170,7 +173,7 @@ class Space:
             return col if pos is None else col[pos]
         if self.store is None:
             raise StoreError(f"space {self.name!r} is a detached subset without a {name!r} column")
-        rows = self.rows if pos is None else self.rows[pos]
+        rows = self.rows if pos is None else (pos if self._identity else self.rows[pos])
         return self.store.image_column(name, rows)
 
     def codes(self, name: str) -> tuple[np.ndarray, list[str]]:
