@@ -368,7 +368,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     for n in sizes:
         print(f"{size_name(n)} vectors:", flush=True)
-        result["sizes"][size_name(n)] = run_size(n, args, env)
+        result["sizes"][size_name(n)] = {**run_size(n, args, env), "git_head": git,
+                                         "code": result["code"]}  # sizes measured by other runs keep theirs
         result["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
         result["seconds"] = round(time.perf_counter() - t0, 1)
         args.out.parent.mkdir(parents=True, exist_ok=True)
