@@ -169,9 +169,8 @@ def test_image_query_on_an_imported_space_names_the_queries_it_takes(tmp_path: P
 def test_reranking_reads_the_candidates_and_scores_them_exactly(synthetic: Path) -> None:
     """An index tuned with ``k_factor`` is searched through its candidates re-ranked from the stored
     vectors: with every row a candidate the result is the exact one, whatever the PQ codes say."""
-    from embedstore.index import load_index
+    from embedstore.index import load_index, search_index
     from embedstore.index.tune import set_params
-    from embedstore.search.rerank import index_search
 
     build_index(synthetic, space="b", kind="IVF2,PQ4x4")
     st = open_store(synthetic)
@@ -181,7 +180,7 @@ def test_reranking_reads_the_candidates_and_scores_them_exactly(synthetic: Path)
     q = np.asarray(sp.vectors[[1, 30, 70]], np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     loaded.info["params"] = {"nprobe": 2, "k_factor": len(sp)}
-    scores, rows = index_search(sp, loaded)(q, 6)
+    scores, rows = search_index(loaded, sp, q, 6)
     assert rows.tolist() == brute(synthetic, "b", q, 6)
     base = np.asarray(sp.vectors[:], np.float32)
     base /= np.linalg.norm(base, axis=1, keepdims=True)

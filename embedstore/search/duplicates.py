@@ -1,18 +1,23 @@
 """Near-duplicate groups: connected components of a space's k-NN graph cut at a cosine threshold.
 
 The graph is built in batches of query rows through the space's index (exact k-NN without one, up
-to DUPLICATES_EXACT_MAX rows) on all cores, reading the next batch of vectors while faiss searches
-the current one; memory stays O(n * k). Each batch is cached on disk (:mod:`.graph`), so a killed
-run resumes where it stopped and another threshold only recomputes the components.
+to DUPLICATES_EXACT_MAX rows) on all cores, reading the next vectors while faiss searches the
+current ones; memory stays O(n * k). An index whose candidates are re-ranked from the stored
+vectors is searched several batches at a time, as many as one re-rank pass holds
+(``index.rerank.queries_per_pass``): their candidates cover the whole space, so one
+sequential read of the vectors scores them all. Each batch is cached on disk (:mod:`.graph`) as
+soon as its search is done, so a killed run resumes where it stopped and another threshold only
+recomputes the components.
 
 Crash safety: writes only the k-NN graph cache, every file atomically (see :mod:`.graph`); the
 store and the index are only read. A kill at any moment leaves whole batch files that the next run
-reuses.
+reuses; it loses at most the batches of the search in flight (one re-rank pass).
 """
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import faiss
@@ -21,13 +26,13 @@ import numpy as np
 from ..choices import DUPLICATES_THRESHOLD
 from ..errors import IndexFileError, QueryError
 from ..index.files import index_files
+from ..index.rerank import queries_per_pass, rerank_width, search_index
 from ..index.tune import omp_threads
 from ..index.vectors import iter_chunks, normalized
 from ..store import Space, Store
 from ..utils import timed
 from .graph import BATCH, GraphCache, open_cache, threads
 from .query import _index_or_none, _open
-from .rerank import index_search
 
 DUPLICATES_EXACT_MAX = 20_000  # duplicates without an index: exact k-NN up to this many rows
 
@@ -123,7 +128,7 @@ def _graph(st: Store, sp: Space, kk: int, graph: GraphCache | None, info: dict[s
                     return
                 break  # a damaged file: its batches are computed below, with the source there is now
     with timed(stages, "load_index"):
-        searcher, source = _searcher(st, sp, notes)
+        searcher, source, per_search = _searcher(st, sp, kk, info["batch"], notes)
     info["exact"] = source == "exact"
     todo = list(range(info["batches"]))
     if graph is not None and info["reused"]:
@@ -141,7 +146,7 @@ def _graph(st: Store, sp: Space, kk: int, graph: GraphCache | None, info: dict[s
             yield from _cached(graph, graph.done(), info, stages, damaged)
             done = set(graph.done()) - set(damaged)
             todo = [b for b in todo if b not in done]
-    yield from _computed(sp, kk, searcher, graph, todo, info, stages, notes)
+    yield from _computed(sp, kk, searcher, per_search, graph, todo, info, stages, notes)
     if graph is not None and len(graph.done()) == graph.batches:
         graph.complete()
 
@@ -159,39 +164,61 @@ def _cached(graph: GraphCache, batches: Any, info: dict[str, Any], stages: dict[
         yield graph.span(b), got[0], got[1]
 
 
-def _computed(sp: Space, kk: int, searcher: Searcher, graph: GraphCache | None, todo: list[int],
+def _computed(sp: Space, kk: int, searcher: Searcher, per_search: int, graph: GraphCache | None, todo: list[int],
               info: dict[str, Any], stages: dict[str, float],
               notes: list[str]) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-    """Search the batches in ``todo`` on all cores, reading the next batch while this one is searched."""
+    """Search the batches in ``todo`` on all cores, ``per_search`` batches in one search, reading the
+    next ones while these are searched; each batch is saved as soon as its search is done."""
     if not todo:
         return
     n, batch = len(sp), info["batch"]
     span = lambda b: slice(b * batch, min(n, (b + 1) * batch))  # noqa: E731
+    searches = [todo[i : i + per_search] for i in range(0, len(todo), per_search)]
+
+    def read(batches: list[int]) -> np.ndarray:
+        out = np.empty((sum(span(b).stop - span(b).start for b in batches), sp.dim), np.float32)
+        at = 0
+        for b in batches:
+            queries = normalized(sp.vectors, span(b))
+            out[at : at + len(queries)] = queries
+            at += len(queries)
+        return out
+
     with ThreadPoolExecutor(1) as reader, omp_threads(threads()):
-        ahead = reader.submit(normalized, sp.vectors, span(todo[0]))
-        for i, b in enumerate(todo):
+        ahead = reader.submit(read, searches[0])
+        for i, batches in enumerate(searches):
             with timed(stages, "knn_graph"):
                 queries = ahead.result()
-                if i + 1 < len(todo):
-                    ahead = reader.submit(normalized, sp.vectors, span(todo[i + 1]))
+                if i + 1 < len(searches):
+                    ahead = reader.submit(read, searches[i + 1])
                 scores, found = searcher(queries, kk)
-            if graph is not None:
-                with timed(stages, "save_graph"):
-                    try:
-                        graph.save(b, found, scores)
-                    except OSError as e:
-                        notes.append(f"the k-NN graph is not cached ({graph.folder} cannot be written: {e})")
-                        graph, info["folder"] = None, None
-            info["computed"] += 1
-            yield span(b), found, scores
+                del queries
+            at = 0
+            for b in batches:
+                s = span(b)
+                m = s.stop - s.start
+                rows, sims = found[at : at + m], scores[at : at + m]
+                at += m
+                if graph is not None:
+                    with timed(stages, "save_graph"):
+                        try:
+                            graph.save(b, rows, sims)
+                        except OSError as e:
+                            notes.append(f"the k-NN graph is not cached ({graph.folder} cannot be written: {e})")
+                            graph, info["folder"] = None, None
+                info["computed"] += 1
+                yield s, rows, sims
 
 
-def _searcher(st: Store, sp: Space, notes: list[str]) -> tuple[Searcher, str]:
-    """How each batch finds its neighbours (store rows), and the graph source that names it."""
+def _searcher(st: Store, sp: Space, kk: int, batch: int, notes: list[str]) -> tuple[Searcher, str, int]:
+    """How the batches find their neighbours (store rows), the graph source that names it, and how
+    many batches one search takes (those one re-rank pass serves; else one)."""
     n = len(sp)
     index = _index_or_none(st, sp, notes, stale_ok=n > DUPLICATES_EXACT_MAX)
     if index is not None:
-        return index_search(sp, index), f"index-{index.files.generation}"
+        width = rerank_width(index, kk)
+        per_search = max(1, queries_per_pass(sp.dim, width) // batch) if width else 1
+        return partial(search_index, index, sp), f"index-{index.files.generation}", per_search
     if n > DUPLICATES_EXACT_MAX:
         raise IndexFileError(f"finding duplicates among {n} vectors needs an index: run "
                              f"`embedstore index {st.path} --space {sp.name}` first")
@@ -204,7 +231,7 @@ def _searcher(st: Store, sp: Space, notes: list[str]) -> tuple[Searcher, str]:
         scores, found = flat.search(queries, kk)
         return scores, np.where(found >= 0, rows[np.maximum(found, 0)], -1)
 
-    return search, "exact"
+    return search, "exact", 1
 
 
 # --------------------------------------------------------------------------- components

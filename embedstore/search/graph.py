@@ -1,7 +1,8 @@
 """The k-NN graph of a space on disk: batches of each row's nearest neighbours, kept for reuse.
 
-``duplicates`` computes the graph batch by batch through the index; each batch is saved here as
-soon as it is done, so a killed run resumes from the batches it finished, and a second run (another
+``duplicates`` computes the graph through the index, a batch or (when one re-rank pass over the
+stored vectors serves several) a few batches per search; each batch is saved here as soon as its
+search is done, so a killed run resumes from the batches it finished, and a second run (another
 threshold) reads the graph back instead of searching again. Files, beside the index::
 
     STORE.h5.index/<space>.knn-<k>-g<space generation>/
