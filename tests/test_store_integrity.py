@@ -182,3 +182,18 @@ def test_repr_is_a_short_summary(pristine: Path) -> None:
     assert str(pristine) in text and f"{st.n_images} images" in text and "0 failures" in text
     assert f"{sp.name}: {len(sp)} x {sp.dim}" in text
     assert repr(sp).startswith(f"<Space {sp.name!r}: {len(sp)} vectors of dim {sp.dim}") and len(repr(sp)) < 200
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_vector_checks_on_the_bits_agree_with_numpy(dtype) -> None:
+    """The NaN/Inf/zero test reads IEEE bits (fast on float16); it must say what numpy says."""
+    from embedstore.store.integrity import _finite_nonzero, vector_problems
+
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(dtype)
+    x[3, 2], x[7, 1], x[9, 0], x[12, 4] = np.nan, np.inf, -np.inf, -np.nan
+    x[5], x[11] = 0, -0.0
+    x[13] = 0
+    x[13, 15] = np.finfo(dtype).smallest_subnormal  # tiny, but a direction
+    finite, nonzero = _finite_nonzero(x)
+    assert np.array_equal(finite, np.isfinite(x).all(axis=1)) and np.array_equal(nonzero, x.any(axis=1))
+    assert sorted(vector_problems(x)) == [3, 5, 7, 9, 11, 12]

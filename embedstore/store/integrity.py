@@ -35,13 +35,26 @@ def validate_space_name(name: Any) -> str:
     return name
 
 
+_BITS = {2: (np.uint16, 0x7C00, 0x7FFF), 4: (np.uint32, 0x7F800000, 0x7FFFFFFF),
+         8: (np.uint64, 0x7FF0000000000000, 0x7FFFFFFFFFFFFFFF)}  # IEEE 754: exponent, all but the sign
+
+
+def _finite_nonzero(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: all values finite, and some value not zero. On the IEEE bits for float arrays (numpy's
+    float16 ufuncs are emulated: ten times slower than these integer tests)."""
+    if v.dtype.kind == "f" and v.dtype.itemsize in _BITS and v.ndim == 2:
+        kind, exponent, magnitude = _BITS[v.dtype.itemsize]
+        u = np.ascontiguousarray(v).view(kind)
+        return (u & kind(exponent) != kind(exponent)).all(axis=1), (u & kind(magnitude) != 0).any(axis=1)
+    return np.isfinite(v).all(axis=1), v.any(axis=1)
+
+
 def vector_problems(vectors: np.ndarray, block: int = 16384) -> dict[int, str]:
     """Rows whose vector cannot be used (NaN/Inf values, all zeros) -> why; checked block by block."""
     out: dict[int, str] = {}
     for start in range(0, len(vectors), block):
         v = np.asarray(vectors[start:start + block])
-        finite = np.isfinite(v).all(axis=1)
-        nonzero = v.any(axis=1)
+        finite, nonzero = _finite_nonzero(v)
         for i in np.flatnonzero(~(finite & nonzero)).tolist():
             out[start + i] = ("the embedding has NaN or Inf values" if not finite[i]
                               else "the embedding is all zeros (no direction)")

@@ -36,6 +36,8 @@ def read_rows(ds: Any, idx: np.ndarray) -> np.ndarray:
     shape = (len(idx),) + tuple(ds.shape[1:])
     if not len(idx):
         return np.empty(shape, ds.dtype)
+    if idx[0] >= 0 and idx[-1] - idx[0] == len(idx) - 1 and idx[-1] < len(ds) and (np.diff(idx) == 1).all():
+        return ds[int(idx[0]):int(idx[-1]) + 1]  # a run of consecutive rows (a slice): one read, no copies
     uniq, inverse = np.unique(idx, return_inverse=True)
     if uniq[0] < 0 or uniq[-1] >= len(ds):
         raise IndexError(f"positions {int(uniq[0])}..{int(uniq[-1])} outside 0..{len(ds) - 1}")

@@ -67,8 +67,11 @@ class VectorArray:
         if isinstance(key, tuple):  # v[rows, cols]: rows first, then numpy for the rest
             return self[key[0]][(slice(None),) + tuple(key[1:])]
         pos = _positions(key, len(self))
-        out = np.empty((len(pos), self.shape[1]), self.dtype)
         main = pos < self._n_main
+        if len(pos) and main.all():  # the usual case: no mask copies of what was read
+            out = self._file.vectors(self._space, pos if self._keep is None else self._keep[pos])
+            return out[0] if scalar else out
+        out = np.empty((len(pos), self.shape[1]), self.dtype)
         if main.any():
             p = pos[main]
             if self._keep is not None:
