@@ -76,7 +76,8 @@ def _sidecar(store: Path) -> tuple[dict[str, Any], Path]:
     folder = Path(f"{store}.index")
     sidecar = sorted(folder.glob("*.json"))[0]
     info = json.loads(sidecar.read_text())
-    return info, Path(info.get("index_file") or folder / f"{sidecar.stem}.{info['generation']}.faiss")
+    beside = folder / f"{sidecar.stem}.{info.get('generation', 0)}.faiss"  # the store may have moved since
+    return info, beside if beside.exists() else Path(info.get("index_file") or beside)
 
 
 def _read_index(path: Path, params: dict[str, Any]) -> tuple[Any, int]:
