@@ -65,3 +65,19 @@ def test_a_file_without_the_attribute_is_checked_once_by_the_next_fold(tmp_path:
     _commit(store, "a", ["img/10.jpg"], 1)
     assert _flag(store, "a")
     _check_lookups(store, "a")
+
+
+def test_a_few_paths_are_found_by_a_chunked_scan_even_past_a_key_collision(tmp_path: Path) -> None:
+    """rows_of for a few paths scans the key column chunk by chunk (70,000 rows: two chunks); a key
+    shared by two paths is resolved by the stored path, also when the wrong row comes first."""
+    from embedstore.store.keys import path_keys
+
+    store = tmp_path / "s.h5"
+    paths = [f"img/{i:06d}.jpg" for i in range(70_000)]
+    _commit(store, "a", paths, 0)
+    with open_store(store) as st:
+        assert st.rows_of([paths[3], paths[69_999], "img/none.jpg", paths[65_536]]).tolist() == [3, 69_999, -1, 65_536]
+    with h5py.File(store, "r+") as f:  # row 10 now carries the key of row 66,000's path
+        f["images/key"][10] = path_keys([paths[66_000]])[0]
+    with open_store(store) as st:
+        assert st.rows_of([paths[66_000]]).tolist() == [66_000]

@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
-from .format import (CATEGORICAL, FAILURE_COLUMNS, IMAGE_COLUMNS, READABLE, _STR_COLUMNS, column_dtype,
+from .format import (CATEGORICAL, COLUMN_CHUNK, FAILURE_COLUMNS, IMAGE_COLUMNS, READABLE, _STR_COLUMNS, column_dtype,
                      decode_attrs, decode_categories, encode_categories, unreadable)
 from .integrity import FIX, check_file, check_rows, journal_seq, vector_problems
 from .keys import path_keys
@@ -188,6 +188,21 @@ class StoreFile:
         if self._keys is None:
             self._keys = self.images["key"][()] if "key" in self.images else path_keys(self.column("path"))
         return self._keys
+
+    def find(self, column: str, values: np.ndarray) -> np.ndarray:
+        """The first row of each of a few ``values`` in ``images/<column>`` (-1: none), scanned a chunk
+        at a time: memory stays one chunk whatever the store's size (``keys`` holds the whole column)."""
+        ds = self.images[column]
+        found = np.full(len(values), -1, np.int64)
+        for a in range(0, self.n_images, COLUMN_CHUNK):
+            block = ds[a:a + COLUMN_CHUNK] if column != "path" else ds.asstr()[a:a + COLUMN_CHUNK]
+            for j in np.flatnonzero(found < 0).tolist():
+                hit = np.flatnonzero(block == values[j])
+                if len(hit):
+                    found[j] = a + int(hit[0])
+            if (found >= 0).all():
+                break
+        return found
 
     def failures(self) -> dict[str, np.ndarray]:
         g = self.f["failures"]

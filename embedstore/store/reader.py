@@ -135,13 +135,13 @@ class Store:
         """Rows of ``paths`` among the main file and the parts applied so far (-1 = new).
 
         A few paths against a store without journal parts are matched by scanning the main file's
-        keys (no sorted lookup is built for them); otherwise the sorted key lookup answers.
+        keys a chunk at a time (no sorted lookup is built for them, nothing store-sized is kept);
+        otherwise the sorted key lookup answers.
         """
         paths = list(paths)
         keys = path_keys(paths)
-        if self._index is None and len(paths) <= 16 and self._main is not None:
-            main_keys = self._main.keys()
-            found = np.array([(np.flatnonzero(main_keys == k)[:1].tolist() or [-1])[0] for k in keys], np.int64)
+        if self._index is None and len(paths) <= 16 and self._main is not None and "key" in self._main.images:
+            found = self._main.find("key", keys)  # a chunked scan: nothing of the size of the store is kept
         else:
             found = self._key_index().lookup(keys) if paths else np.empty(0, np.int64)
         hit = np.flatnonzero(found >= 0)
@@ -161,9 +161,7 @@ class Store:
             if self._ov["path"][slot] == path:
                 return row
         if self._main is not None:
-            hits = np.flatnonzero(self._main.column("path") == path)
-            if len(hits):
-                return int(hits[0])
+            return int(self._main.find("path", np.array([path], dtype=object))[0])
         return -1
 
     # ----------------------------------------------------------------------- spaces
