@@ -214,3 +214,21 @@ def test_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) 
             write_file(path, {"root": ""}, images, {"toy": ({**ATTRS, "dim": 64_000}, np.arange(n), big)}, no_failures)
         assert path.read_bytes() == before
         assert sorted(p.name for p in disk.iterdir()) == ["s.h5"]
+
+
+def test_a_fold_that_fits_on_the_disk_is_not_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fold needs room for one new file of about the parts' size, not twice it (a 30M-row import
+    whose journal left 41 GB free for a 36 GB store was refused: it asked for 68 GB)."""
+    from embedstore.store import fold as fold_module
+
+    monkeypatch.setattr(fold_module, "IN_MEMORY_MAX", 0)  # fold on disk, as a large store does
+    with tmpfs(tmp_path / "disk", "10m") as disk:  # ~3.8 MB of parts, ~6 MB free: the old rule asked 7.6
+        store = disk / "s.h5"
+        vectors = np.random.default_rng(0).standard_normal((6000, 128)).astype(np.float32) + 3
+        with StoreWriter(store, root=str(disk)) as w:  # three parts of ~1 MB, folded on release
+            for i in range(3):
+                w.commit_arrays("toy", {**ATTRS, "dim": 128, "dtype": "float32"}, vectors[i * 2000:(i + 1) * 2000],
+                                [f"{i}-{j}.png" for j in range(2000)])
+        assert not list_parts(store)
+        st = open_store(store)
+        assert st.n_images == 6000 and np.array_equal(st.space("toy").vectors[2000:2005], vectors[2000:2005])

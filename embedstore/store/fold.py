@@ -345,8 +345,13 @@ def _apply_all(f: h5py.File, main: StoreFile | None, in_place: bool, parts: list
 
 
 def _check_room(path: Path, parts: list[tuple[int, Path]], main: StoreFile | None) -> None:
-    """Refuse to start a fold the disk cannot hold (HDF5 can crash when a disk fills mid-write)."""
-    need = sum(p.stat().st_size for _, p in parts) * 2 + (path.stat().st_size if main is not None else 0) + (64 << 10)
+    """Refuse to start a fold the disk cannot hold (HDF5 can crash when a disk fills mid-write).
+
+    The fold writes one new file: the main file (copied, or rewritten from format 1) plus what the
+    parts add, which takes no more room than the parts themselves (each part repeats its own
+    headers); 5% and 1 MiB are left for HDF5's metadata. The parts are deleted only afterwards.
+    """
+    need = int(sum(p.stat().st_size for _, p in parts) * 1.05) + (path.stat().st_size if main is not None else 0) + (1 << 20)
     free = shutil.disk_usage(path.parent).free
     if free < need:
         raise StoreError(f"no space left to write {path}: folding its journal needs about {need / 2**20:.1f} MiB and "
