@@ -29,7 +29,10 @@ def render(result: dict[str, Any]) -> str:
     """The Markdown tables: cost per command and size, overhead over the raw work, growth between sizes."""
     sizes = sorted(result["sizes"], key=lambda s: result["sizes"][s]["n"])
     m = result["machine"]
-    lines = [f"{m.get('cpu')}, {m['cores_usable']} cores, {m['ram_gib']} GiB RAM; code: {result['code']}; "
+    heads = {result["sizes"][k].get("git_head") for k in sizes} - {None}
+    code = result["code"] if len(heads) <= 1 and not any("remeasured" in result["sizes"][k] for k in sizes) \
+        else "per size, see the JSON"
+    lines = [f"{m.get('cpu')}, {m['cores_usable']} cores, {m['ram_gib']} GiB RAM; code: {code}; "
              f"median of {result['settings']['repeats']} cold processes (page cache warm); cells: wall s / peak RSS GiB",
              "", "| command | " + " | ".join(sizes) + " |", "|---|" + "---:|" * len(sizes)]
     for cmd in COMMANDS:
