@@ -34,6 +34,10 @@ def _check_lookups(store: Path, space: str) -> None:
         assert np.array_equal(sp.positions_of(asked), truth)
         at = truth[truth >= 0]
         assert list(sp.column("path", at)) == list(st.image_column("path", rows[at]))
+        for c in ("label", "split"):  # codes per position, read whole or through the row ids
+            codes, names = sp.codes(c)
+            by_row, row_names = st.image_codes(c, rows)
+            assert names == row_names and np.array_equal(codes, by_row)
 
 
 def test_identity_is_kept_while_true_and_dropped_when_a_vector_moves(tmp_path: Path) -> None:

@@ -254,6 +254,8 @@ class Store:
         """(int32 codes, names) of ``label`` or ``split`` at ``rows`` (all when None); -1 = none."""
         if name not in CATEGORICAL:
             raise StoreError(f"column {name!r} is not categorical: use 'label' or 'split'")
+        if rows is None and self._main is not None and not len(self._ov_rows) and self.n_images == self._n_main:
+            return self._main.codes(name)  # the whole column as stored, with no row ids alongside
         rows = np.arange(self.n_images) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
         codes = np.full(len(rows), -1, np.int32)
         names: list[str] = self._main.categories(name) if self._main is not None else []

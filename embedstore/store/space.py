@@ -192,6 +192,8 @@ class Space:
             remap[order] = np.arange(len(names), dtype=np.int32)
             remap[-1] = -1
             return remap[codes], sorted(names)
+        if self._identity and len(self) == self.store.n_images:  # position p is row p: no row ids to read
+            return self.store.image_codes(name)
         return self.store.image_codes(name, self.rows)
 
     @property
