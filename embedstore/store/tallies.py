@@ -53,10 +53,11 @@ def scan(images: Any) -> dict[str, Any]:
     out = empty()
     for c in CATEGORICAL:
         ds, total = images[c], Counter()
+        codes = ds.dtype.kind in "iu"  # format 2 (int32 codes); format 1 stores the names
+        names = json.loads(ds.attrs.get("categories", "[]")) if codes else None
         for a in range(0, n, COLUMN_CHUNK):
-            block = ds[a:a + COLUMN_CHUNK]
-            if ds.dtype.kind in "iu":
-                total += count_names(block, json.loads(ds.attrs.get("categories", "[]")))
+            if codes:
+                total += count_names(ds[a:a + COLUMN_CHUNK], names)
             else:
                 total += Counter(v for v in ds.asstr()[a:a + COLUMN_CHUNK] if v)
         out[c] = dict(total)
