@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import click
 
-from embedstore.choices import HEADS as DEFAULT_MODELS, PREPROCESS, PROTOCOLS
+from embedstore.choices import HEADS as DEFAULT_MODELS, PREPROCESS, PROTOCOLS, TEXT_HEADS
 from embedstore_cli.friendly import emit_json, friendly
 
 
@@ -28,7 +28,9 @@ def _default_png(store: str, space: str, model: str) -> str:
 @click.command()
 @click.argument("store", type=click.Path(dir_okay=False))
 @click.option("--space", "spaces", multiple=True, help="Space to use; repeat to compare spaces. Default: every space.")
-@click.option("--models", default=",".join(DEFAULT_MODELS), show_default=True, help="Comma list of heads, or 'all'.")
+@click.option("--models", default="all", show_default=True,
+              help=f"Comma list of heads ({', '.join(DEFAULT_MODELS + TEXT_HEADS)}), or 'all': every head, "
+                   "zeroshot only on spaces embedded with an open_clip: backbone.")
 @click.option("--protocol", default="auto", show_default=True, type=click.Choice(PROTOCOLS),
               help="split: train on train, score on val/test; cv: stratified k-fold; "
                    "auto: split when the store has splits.")
@@ -53,12 +55,16 @@ def classify(store: str, spaces: tuple[str, ...], models: str, protocol: str, pr
     DINOv2 softmax vote, k and T swept), knn-majority, centroid. Hyper-parameters are
     chosen on a part carved from the training rows only; scores come from val/test
     (split protocol) or out-of-fold predictions (cv).
+    On a space embedded with a CLIP backbone (--backbone open_clip:ARCH), zeroshot is
+    compared too: no labelled image, only the class names as prompts ("a photo of a
+    {label}.") encoded by its text tower, to show what the labels buy.
     """
     from embedstore.heads import classify as run
     from embedstore.heads import parse_models, write_confusion_png
     from embedstore_cli.main import _table
 
-    report = run(store, spaces=list(spaces) or None, models=parse_models(models), protocol=protocol, preprocess=preprocess,
+    names = None if models.strip() == "all" else parse_models(models)  # None: zeroshot too, on text spaces
+    report = run(store, spaces=list(spaces) or None, models=names, protocol=protocol, preprocess=preprocess,
                  folds=folds, seed=seed)
     out = report.to_dict()
     best = report.best

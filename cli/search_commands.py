@@ -86,7 +86,7 @@ def index_command(store: str, space: str | None, kind: str, memory: int, target_
 
 
 @click.command("search")
-@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("store", required=False, type=click.Path(dir_okay=False))
 @click.argument("more_images", nargs=-1, metavar="[IMG]...", type=click.Path(exists=True))
 @click.option("--query", "-q", "images", multiple=True, type=click.Path(exists=True),
               help="Query image or folder of images; more images may follow (--query a.jpg b.jpg).")
@@ -94,6 +94,10 @@ def index_command(store: str, space: str | None, kind: str, memory: int, target_
 @click.option("--path", "paths", multiple=True, help="Query with the stored vector of this image path.")
 @click.option("--vector", "vector_file", type=click.Path(exists=True, dir_okay=False),
               help="Query with the vectors in FILE.npy (one vector, or one per row), of the space's model.")
+@click.option("--text", "texts", multiple=True, metavar="TEXT",
+              help='Query with a description, e.g. --text "a photo of a red car" (repeatable: one result list '
+                   "each). Needs a space embedded with a CLIP backbone, e.g. `embedstore embed PHOTOS --backbone "
+                   "open_clip:ViT-B-32 --weights laion2b_s34b_b79k`; its text tower puts the text into the image space.")
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1), help="Neighbours per query.")
 @click.option("--space", help="Embedding space (default: the store's first frozen space).")
 @click.option("--where", multiple=True,
@@ -103,27 +107,49 @@ def index_command(store: str, space: str | None, kind: str, memory: int, target_
               help="Leave each query's own store row out of its hits (a stored row, path or image file).")
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Write every result to FILE.csv or FILE.json (folder queries: STORE.search/FOLDER.csv).")
-@click.option("--json", "as_json", is_flag=True, help='Print {"results": [[{path, score, row, label}, ...], ...]}.')
+@click.option("--json", "as_json", is_flag=True, help='Print {"results": [[{path, score, row, label, split}, ...], ...]}.')
+@click.option("--server", metavar="URL",
+              help="Ask a running `embedstore serve` (e.g. http://127.0.0.1:8000) instead of opening STORE: "
+                   "same options, same output, without loading anything here. STORE may then be left out.")
+@click.option("--token", envvar="EMBEDSTORE_TOKEN", show_envvar=True, help="The --server's token, if it has one.")
 @friendly
-def search_command(store: str, more_images: tuple[str, ...], images: tuple[str, ...], rows: tuple[int, ...],
-                   paths: tuple[str, ...], vector_file: str | None, k: int, space: str | None,
-                   where: tuple[str, ...], exact: bool, exclude_self: bool, out: str | None, as_json: bool) -> None:
-    """Find the images most similar to query images, store rows, stored paths or vectors.
+def search_command(store: str | None, more_images: tuple[str, ...], images: tuple[str, ...], rows: tuple[int, ...],
+                   paths: tuple[str, ...], vector_file: str | None, texts: tuple[str, ...], k: int, space: str | None,
+                   where: tuple[str, ...], exact: bool, exclude_self: bool, out: str | None, as_json: bool,
+                   server: str | None, token: str | None) -> None:
+    """Find the images most similar to query images, store rows, stored paths, vectors or texts.
 
     Query images are embedded with the space's own backbone and preprocessing (refused when
     the weights differ from the ones that built the space). Without an index the search is
     exact, and says so. A folder of queries writes one CSV of results beside the store,
     STORE.search/FOLDER.csv (or where --out says), and prints its path.
+
+    \b
+    Text search (a space embedded with an open_clip: backbone):
+      embedstore search photos.h5 --text "a dog on a beach" --text "a red car" -k 5
     """
+    if server and store and not store.lower().endswith((".h5", ".hdf5")):
+        more_images, store = (store, *more_images), None  # with --server, every argument may be an image
+    if not server and not store:
+        raise click.UsageError("give the STORE to search (or --server URL of a running `embedstore serve`)")
     images = images + more_images
-    if sum(bool(x) for x in (images, rows, paths, vector_file)) != 1:
-        raise click.UsageError("give one kind of query: --query IMG..., --row N, --path P or --vector FILE.npy")
-    from embedstore.search import parse_where, search
+    if sum(bool(x) for x in (images, rows, paths, vector_file, texts)) != 1:
+        raise click.UsageError("give one kind of query: --query IMG..., --row N, --path P, --vector FILE.npy "
+                               "or --text TEXT")
+    from embedstore.choices import parse_where  # no faiss: a --server search loads nothing heavy
 
     vectors = _vectors(vector_file) if vector_file else None
-    result = search(store, images=list(images) or None, rows=list(rows) or None, paths=list(paths) or None,
-                    vectors=vectors, k=k, space=space, where=parse_where(list(where)), exact=exact,
-                    exclude_self=exclude_self)
+    if server:
+        result = _served_search(server, token, store, images=list(images) or None, rows=list(rows) or None,
+                                paths=list(paths) or None, vectors=vectors, texts=list(texts) or None, k=k,
+                                space=space, where=parse_where(list(where)), exact=exact, exclude_self=exclude_self)
+        store = store or "served"
+    else:
+        from embedstore.search import search
+
+        result = search(store, images=list(images) or None, rows=list(rows) or None, paths=list(paths) or None,
+                        vectors=vectors, texts=list(texts) or None, k=k, space=space,
+                        where=parse_where(list(where)), exact=exact, exclude_self=exclude_self)
     folders = [p for p in images if os.path.isdir(p)]
     if out is None and folders:  # beside the store, never in the current directory
         name = os.path.basename(os.path.abspath(folders[0])) or "queries"
@@ -136,6 +162,20 @@ def search_command(store: str, more_images: tuple[str, ...], images: tuple[str, 
     elif not out:
         _print_results(result)
     _notes(result["notes"] + (["exact search"] if result["exact"] and not result["notes"] else []))
+
+
+def _served_search(server: str, token: str | None, store: str | None, **query: Any) -> dict[str, Any]:
+    """``search`` asked of a running server (embedstore.Client); ``store``, when given, must be the one
+    it serves (compared by file name: the server may run on another machine)."""
+    from embedstore.serve.client import Client
+
+    with Client(server, token=token) as client:
+        if store:
+            served = client.info()["store"]
+            if os.path.basename(served) != os.path.basename(store):
+                raise click.UsageError(f"the server at {server} serves {served}, not {store}: leave STORE out "
+                                       "or point --server at the server of that store")
+        return client.search(**query)
 
 
 def _vectors(path: str) -> Any:

@@ -1,12 +1,18 @@
-"""Names offered as choices on the command line, free of heavy imports so ``--help`` starts fast.
+"""Names offered as choices on the command line (and ``parse_where``, the one reader of --where strings),
+free of heavy imports so ``--help`` starts fast and a client of a server imports no faiss.
 
 The modules that implement them import these tuples; tests check that they agree.
 Crash safety: constants only; nothing is written.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+from .errors import QueryError
+
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq", "ivf-pq-refine")
 HEADS = ("logreg", "linear-svm", "rbf-svm", "ridge", "knn", "knn-majority", "centroid")
+TEXT_HEADS = ("zeroshot",)  # heads that need a space with a text tower (open_clip: backbones); heads.zeroshot
 PROTOCOLS = ("auto", "split", "cv")
 PREPROCESS = ("l2", "standard", "pca-whiten", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # embed --precision (embedding.embedder)
@@ -16,3 +22,21 @@ MAX_SHARDS = 99999  # embed --shards / --shard I/N: shard file names hold N in f
 
 # Default cosine similarity for near-duplicates (``duplicates`` and the report), from benchmarks/duplicates.py.
 DUPLICATES_THRESHOLD = 0.825
+
+# search --where KEY=VALUE: the columns a search filters on (search.rows)
+WHERE_KEYS = ("label", "split", "path")
+
+
+def parse_where(where: str | Sequence[str] | None) -> dict[str, str]:
+    """``["label=cat", "split=val"]`` -> ``{"label": "cat", "split": "val"}`` (all must hold): the
+    CLI's ``--where`` strings, as :func:`embedstore.search.search` takes them. ``path=PREFIX``
+    keeps the images whose stored path starts with PREFIX."""
+    if not where:
+        return {}
+    out = {}
+    for clause in [where] if isinstance(where, str) else where:
+        key, sep, value = clause.partition("=")
+        if not sep or key.strip() not in WHERE_KEYS:
+            raise QueryError(f"cannot read --where {clause!r}: use label=NAME or split=NAME (or path=PREFIX)")
+        out[key.strip()] = value.strip()
+    return out

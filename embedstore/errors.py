@@ -58,6 +58,10 @@ class QueryError(EmbedstoreError, ValueError):
     """A search or duplicates request cannot be answered as given (k, a filter, a threshold)."""
 
 
+class NotFoundError(QueryError, LookupError):
+    """A row, stored path, space or head a query names that is not there (a server answers 404)."""
+
+
 class HeadError(EmbedstoreError, ValueError):
     """A classifier head cannot be saved, loaded or applied; the message names the file and the fix."""
 
@@ -112,3 +116,40 @@ class MissingImageError(CollectionError, FileNotFoundError):
 class ImportFormatError(EmbedstoreError, ValueError):
     """Vectors to import (a clip-retrieval folder: img_emb/, metadata/; or arrays in hand) that cannot be read
     as given; the message names the file or value and the fix."""
+
+
+class ServeError(QueryError):
+    """A request a search server refuses; ``status`` is the HTTP status it answers with."""
+
+    status = 400
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class UploadError(ServeError):
+    """An uploaded file that is not an image the server can use (the message says why)."""
+
+    status = 422
+
+
+class UploadTooLargeError(UploadError):
+    """An upload or request body over the server's byte limit (``--max-upload``)."""
+
+    status = 413
+
+
+class MediaError(ServeError):
+    """A row's image a server cannot send: not in the store (404), outside the collection root (403)."""
+
+    status = 404
+
+
+class ServerError(EmbedstoreError):
+    """A server refused a client's request (``status`` and its message) or could not be reached (status 0)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status

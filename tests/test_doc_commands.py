@@ -17,7 +17,7 @@ def test_the_checker_refuses_what_the_cli_refuses() -> None:
     """The line notebook 01 used to show, and other mistakes click would stop at."""
     text = ("```bash\nembedstore index photos.h5 && embedstore search photos.h5 --image query.jpg\n"
             "embedstore index photos.h5 --target-recall 2  # out of range\nembedstore info a.h5 b.h5\n"
-            "embedstore search\n```\nInline: `embedstore classify s.h5 --protocol loo`, and prose `embedstore embed`.")
+            "embedstore index\n```\nInline: `embedstore classify s.h5 --protocol loo`, and prose `embedstore embed`.")
     found = problems(markdown_commands(text))
     assert len(found) == 5, found
     for needle in ("--image", "--target-recall", "extra argument", "missing argument STORE", "--protocol"):

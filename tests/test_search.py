@@ -47,7 +47,7 @@ def test_each_image_finds_itself_first(tiny_store: Path, collection: Path, with_
     assert len(result["results"]) == len(images_of(collection)) == 36
     for q, hits in zip(result["queries"], result["results"]):
         assert hits[0]["path"] == os.path.relpath(q["query"], collection.resolve())
-        assert hits[0]["score"] > 0.999 and set(hits[0]) == {"path", "score", "row", "label"}
+        assert hits[0]["score"] > 0.999 and set(hits[0]) == {"path", "score", "row", "label", "split"}
     assert result["exact"] is not with_index
     assert any("no index" in n and "exact search" in n for n in result["notes"]) is not with_index
 
@@ -133,7 +133,7 @@ def test_cli_index_search_duplicates(tiny_store: Path, collection: Path, cli: cl
     out = runner.invoke(cli, ["search", str(tiny_store), "--row", "3", "--json"])
     payload = json.loads(out.stdout)
     assert len(payload["results"]) == 1 and payload["results"][0][0]["row"] == 3
-    assert set(payload["results"][0][0]) == {"path", "score", "row", "label"}
+    assert set(payload["results"][0][0]) == {"path", "score", "row", "label", "split"}
 
     a, b = (str(p) for p in images_of(collection)[:2])
     two = runner.invoke(cli, ["search", str(tiny_store), "--query", a, b, "-k", "1"])

@@ -72,12 +72,13 @@ class Backbone:
         return timm.data.create_transform(**self.data_config, is_training=False, normalize=False)
 
     def space_attrs(self) -> dict[str, Any]:
-        """What a store records about the space this backbone produces."""
+        """What a store records about the space this backbone produces (plus ``extra["space_attrs"]``,
+        e.g. ``text_tower`` of CLIP backbones, and ``extra["versions"]``)."""
         import h5py
         import numpy
         import PIL
 
-        return {
+        attrs = {
             "backbone": self.name,
             "weights": self.weights,
             "weights_sha256": self.weights_sha256,
@@ -90,8 +91,10 @@ class Backbone:
                 "h5py": h5py.__version__,
                 "numpy": numpy.__version__,
                 "pillow": PIL.__version__,
+                **self.extra.get("versions", {}),
             },
         }
+        return {**attrs, **self.extra.get("space_attrs", {})}
 
 
 def weights_checksum(model: nn.Module) -> str:
@@ -259,12 +262,22 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, clas
 
     Args:
         name: a registry name (``embedstore backbones``), any timm model name (optionally
-            ``timm:<name>``), or ``torchvision:<name>``.
+            ``timm:<name>``), ``torchvision:<name>``, or ``open_clip:<arch>`` (a CLIP model whose
+            ``extra["text_tower"]`` encodes text into the image space, :mod:`.openclip`).
         weights: ``None`` for the backbone's pretrained weights, a local ``.pth``/``.safetensors``
-            state dict, or ``"random"`` for a seeded random initialisation (tests, baselines).
+            state dict, or ``"random"`` for a seeded random initialisation (tests, baselines);
+            for ``open_clip:`` also a pretrained tag such as ``"laion2b_s34b_b79k"`` (from the local cache).
         classifier: keep the ImageNet classifier (the model then returns logits).
     """
-    if name.startswith("torchvision:"):
+    extra: dict[str, Any] = {}
+    if name.startswith("open_clip:"):
+        from .openclip import load_openclip  # open_clip is an optional extra
+
+        if classifier:
+            raise BackboneError(f"{name} has no ImageNet classifier: its zero-shot head is `embedstore classify` "
+                                "(model zeroshot)")
+        model, config, source, extra = load_openclip(name, weights)
+    elif name.startswith("torchvision:"):
         arch = name.split(":", 1)[1]
         model, config, source = _torchvision_model(arch, weights)
         if not classifier:
@@ -302,7 +315,8 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None, clas
         dim=dim,
         weights=source,
         weights_sha256=weights_checksum(model),
-        pooling=_pooling(model),
+        pooling="clip-projection" if extra else _pooling(model),
+        extra=extra,
     )
 
 
@@ -319,6 +333,8 @@ def weights_arg(source: str) -> str | None:
         return RANDOM
     if os.path.isabs(source):
         return source
+    if source.startswith("open_clip:"):
+        return source.split(":", 1)[1]  # the pretrained tag, read from the local cache
     return None  # the backbone's own pretrained weights (registry package, timm hub, torchvision)
 
 

@@ -54,6 +54,11 @@ def default_space_name(name: str, weights: str | None) -> str:
     return f"{base}-{os.path.splitext(os.path.basename(weights))[0]}"
 
 
+def has_text_tower(attrs: dict[str, Any]) -> bool:
+    """True when a space (its attributes) was embedded by a backbone that also encodes text (``open_clip:``)."""
+    return bool(attrs.get("text_tower")) and "imported_from" not in attrs
+
+
 def offline_names() -> list[str]:
     return [n for n, e in REGISTRY.items() if e.installed]
 

@@ -96,6 +96,10 @@ def _open(store_path: Path, cfg: FinetuneConfig) -> Run:
     """Open the store and the parent space; check the out space's name and where its checkpoints go."""
     st = open_store(store_path)
     parent = st.space(cfg.space)
+    if str(parent.attrs.get("backbone", "")).startswith("open_clip:"):  # its stages would be the whole CLIP model
+        raise FinetuneError(f"space {parent.name!r} is a CLIP space ({parent.attrs['backbone']}): fine-tuning "
+                            "open_clip: backbones is not supported (training the image tower alone would move it "
+                            "away from its text tower); compare the frozen heads with `embedstore classify` instead")
     if cfg.out_space is not None:
         out_space = validate_space_name(cfg.out_space)
     else:

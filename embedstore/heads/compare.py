@@ -5,7 +5,9 @@ the confusion picture, :mod:`embedstore.heads.saved` saves heads atomically).
 
 Protocol: with train and val/test splits in the store, heads train on ``train`` and are scored
 on ``val`` (and on ``test`` when there is one); otherwise stratified k-fold cross-validation.
-Each head is chosen and fitted by :func:`embedstore.heads.protocol.fit_head`.
+Each head is chosen and fitted by :func:`embedstore.heads.protocol.fit_head`. On a space with a
+text tower (an ``open_clip:`` backbone) the zero-shot head (:mod:`.zeroshot`) is compared too: the
+class names become prompts ("a photo of a {label}."), encoded by the space's text tower.
 
 Only the rows used are read: the labelled positions come from the space's label and split codes,
 their vectors are read in chunks in the stored dtype and converted to float32 chunk by chunk
@@ -21,11 +23,13 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 from sklearn.model_selection import StratifiedKFold
 
+from ..backbones.registry import has_text_tower
 from ..choices import PROTOCOLS
 from ..errors import HeadError, StoreError
 from ..store import Space, open_store
 from .protocol import FittedHead, best_result, check_preprocess, fit_head, model_names, score_predictions
 from .rows import Labelled, common_positions, labelled_rows, read_vectors
+from .zeroshot import DEFAULT_TEMPLATES, ZEROSHOT, text_class_embeddings
 
 
 def _rounded(d: dict[str, float]) -> dict[str, float]:
@@ -47,6 +51,7 @@ class ClassifyReport:
     heads: dict[tuple[str, str], FittedHead] = field(default_factory=dict, repr=False)
     _data: dict[str, tuple[np.ndarray, np.ndarray, Space]] = field(default_factory=dict, repr=False)
     _options: dict[str, Any] = field(default_factory=dict, repr=False)
+    _text: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)  # zeroshot's class prompts
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form (what ``embedstore classify --json`` prints)."""
@@ -65,7 +70,8 @@ class ClassifyReport:
         model = model or self.best["model"]
         X, y, sp = self._data[space]
         if (space, model) not in self.heads:
-            self.heads[(space, model)] = fit_head(X, y, model=model, **self._options)
+            self.heads[(space, model)] = fit_head(X, y, model=model, class_embeddings=self._text.get(space),
+                                                  **self._options)
         return self.heads[(space, model)], sp
 
     def save_head(self, folder: str, space: str | None = None, model: str | None = None) -> str:
@@ -125,7 +131,9 @@ def classify(
     Args:
         store: the ``.h5`` store.
         spaces: space names (default: every space; several are compared on their common images).
-        models: names from :data:`MODELS`, e.g. ``["logreg", "knn"]`` (default ``None``: all).
+        models: names from :data:`MODELS` or ``"zeroshot"``, e.g. ``["logreg", "knn"]`` (default
+            ``None``: all of :data:`MODELS`, and ``zeroshot`` for spaces with a text tower; naming
+            ``zeroshot`` for a space without one raises ``HeadError``).
         protocol: ``auto`` (split when the store has train and val/test splits, else cv),
             ``split`` or ``cv`` (stratified k-fold over every labelled image).
         preprocess: ``l2``, ``standard``, ``pca-whiten`` or ``none``, fitted on training rows.
@@ -137,6 +145,7 @@ def classify(
     check_preprocess(preprocess)
     st = open_store(store)
     chosen = [st.space(n) for n in (spaces or list(st.spaces) or [None])]
+    grids = {sp.name: _space_models(sp, names, models is None) for sp in chosen}
     selected = _common_rows(chosen)
     proto = resolve_protocol(protocol, chosen[0], str(store), selected[0])
     options = {"preprocess": preprocess, "val_fraction": val_fraction, "seed": seed}
@@ -146,14 +155,16 @@ def classify(
         if proto == "split":  # the rows of the three splits only
             lab = lab.subset(np.isin(lab.splits, ("train", "val", "test")))
         X, y = read_vectors(sp, lab.positions), lab.labels  # only the rows used, float32 chunk by chunk
+        text = report._text[sp.name] = _class_prompts(sp, y) if ZEROSHOT in grids[sp.name] else {}
         if proto == "split":
             m = {s: lab.mask(s) for s in ("train", "val", "test")}
             report._data[sp.name] = (X[m["train"]], y[m["train"]], sp)
-            rows, evaluation = _run_split(sp, X, y, m, names, options, report)
+            rows, evaluation = _run_split(sp, X, y, m, grids[sp.name], options, report, text)
         else:
             report._data[sp.name] = (X, y, sp)
-            rows, evaluation = _run_cv(sp, X, y, names, options, folds, seed, str(store))
-        report.evaluation = evaluation
+            rows, evaluation = _run_cv(sp, X, y, grids[sp.name], options, folds, seed, str(store), text)
+        prompts = {"zeroshot_prompts": list(DEFAULT_TEMPLATES)} if any(report._text.values()) else {}
+        report.evaluation = {**evaluation, **prompts}
         for row, truth, pred, classes in rows:
             report.results.append(row)
             detail[(row["space"], row["model"])] = (truth, pred, classes)
@@ -172,6 +183,26 @@ def classify(
     return report
 
 
+def _space_models(sp: Space, names: list[str], default: bool) -> list[str]:
+    """The heads compared on ``sp``: ``names``, plus ``zeroshot`` by default where the space has a
+    text tower; HeadError when ``zeroshot`` is asked for a space without one."""
+    if has_text_tower(sp.attrs):
+        return names + [ZEROSHOT] if default and ZEROSHOT not in names else names
+    if ZEROSHOT in names:
+        raise HeadError(f"the zeroshot head needs a space with a text tower, and space {sp.name!r} was embedded with "
+                        f"{sp.attrs.get('backbone', sp.attrs.get('imported_from'))!r}: embed the collection with an "
+                        "open_clip: backbone (e.g. --backbone open_clip:ViT-B-32 --weights laion2b_s34b_b79k), "
+                        "or leave zeroshot out of the models")
+    return names
+
+
+def _class_prompts(sp: Space, y: np.ndarray) -> dict[str, np.ndarray]:
+    """``{label: prompt embeddings}`` of every label in ``y``, by the space's text tower (weights checksum checked)."""
+    from ..embedding.text import embed_texts  # torch and open_clip: only spaces with a text tower get here
+
+    return text_class_embeddings(sorted({str(v) for v in y}), lambda texts: embed_texts(sp, texts))
+
+
 def _row(sp: Space, head: FittedHead, metrics: dict[str, float], predict_s: float, **extra: Any) -> dict[str, Any]:
     return {"space": sp.name, "model": head.model, **_rounded(metrics), "fit_s": round(head.fit_s, 4),
             "predict_s": round(predict_s, 4), "params": head.params, "preprocess": head.preprocess, **extra}
@@ -187,7 +218,8 @@ def _predict(head: FittedHead, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, f
 
 
 def _run_split(sp: Space, X: np.ndarray, y: np.ndarray, m: dict[str, np.ndarray], names: list[str],
-               options: dict[str, Any], report: ClassifyReport) -> tuple[list, dict[str, Any]]:
+               options: dict[str, Any], report: ClassifyReport,
+               text: dict[str, np.ndarray]) -> tuple[list, dict[str, Any]]:
     """Train on the ``train`` rows of (X, y), score on val (or test); ``m``: split masks over those rows."""
     primary = "val" if m["val"].any() else "test"
     evaluation = {"train": int(m["train"].sum()), "eval_split": primary, "eval": int(m[primary].sum())}
@@ -195,7 +227,7 @@ def _run_split(sp: Space, X: np.ndarray, y: np.ndarray, m: dict[str, np.ndarray]
         evaluation["test"] = int(m["test"].sum())
     rows = []
     for name in names:
-        head = fit_head(X[m["train"]], y[m["train"]], model=name, **options)
+        head = fit_head(X[m["train"]], y[m["train"]], model=name, class_embeddings=text, **options)
         report.heads[(sp.name, name)] = head
         pred, proba, predict_s = _predict(head, X[m[primary]])
         truth = y[m[primary]]
@@ -209,7 +241,7 @@ def _run_split(sp: Space, X: np.ndarray, y: np.ndarray, m: dict[str, np.ndarray]
 
 
 def _run_cv(sp: Space, X: np.ndarray, y: np.ndarray, names: list[str], options: dict[str, Any], folds: int,
-            seed: int, path: str) -> tuple[list, dict[str, Any]]:
+            seed: int, path: str, text: dict[str, np.ndarray]) -> tuple[list, dict[str, Any]]:
     _, counts = np.unique(y, return_counts=True)
     k = min(folds, int(counts.min()))
     if k < 2 or len(counts) < 2:
@@ -226,13 +258,13 @@ def _run_cv(sp: Space, X: np.ndarray, y: np.ndarray, names: list[str], options: 
         fit_s = predict_s = 0.0
         params: list[dict[str, Any]] = []
         for tr, te in splitter.split(X, y):
-            head = fit_head(X[tr], y[tr], model=name, **options)
+            head = fit_head(X[tr], y[tr], model=name, class_embeddings=text, **options)
             p, pr, dt = _predict(head, X[te])
             pred[te] = p
             proba[np.ix_(te, np.searchsorted(classes, head.classes))] = pr
             fit_s, predict_s = fit_s + head.fit_s, predict_s + dt
             params.append(head.params)
-        summary = FittedHead(name, options["preprocess"], head.estimator, _mode(params), None, fit_s / k)
+        summary = FittedHead(name, head.preprocess, head.estimator, _mode(params), None, fit_s / k)
         rows.append((_row(sp, summary, score_predictions(y, pred, proba, classes), predict_s / k,
                           params_per_fold=params), y, pred, classes))
     return rows, evaluation

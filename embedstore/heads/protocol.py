@@ -34,10 +34,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
-from ..choices import PREPROCESS
+from ..choices import PREPROCESS, TEXT_HEADS
 from ..errors import HeadError
 from .knn import DINO_TEMPERATURE, FaissKNNClassifier
 from .knn import vote as knn_vote
+from .zeroshot import ZEROSHOT, ZeroShotClassifier
 
 _C_GRID = tuple(float(c) for c in np.logspace(-3, 4, 8))
 CALIBRATION_FOLDS = 3  # folds of the out-of-fold decision values that temperature scaling is fitted on
@@ -99,16 +100,19 @@ def parse_models(models: str) -> list[str]:
 
 
 def model_names(models: Sequence[str] | None) -> list[str]:
-    """Checked model names, duplicates dropped, in the order given; ``None`` means every model."""
+    """Checked model names, duplicates dropped, in the order given; ``None`` means every model of
+    :data:`MODELS` (``zeroshot``, :data:`~embedstore.choices.TEXT_HEADS`, is named explicitly or added
+    by ``classify`` for spaces with a text tower)."""
     if models is None:
         return list(DEFAULT_MODELS)
     if isinstance(models, str):
         raise HeadError(f"models takes a list of names such as ['logreg', 'knn'], not the string {models!r} "
                         "(the CLI's comma list is parsed by embedstore.heads.parse_models)")
     names = [str(m) for m in models]
-    unknown = [n for n in names if n not in MODELS]
+    unknown = [n for n in names if n not in MODELS and n not in TEXT_HEADS]
     if unknown or not names:
-        raise HeadError(f"unknown model(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(MODELS)}")
+        raise HeadError(f"unknown model(s) {', '.join(unknown) or '(none given)'}: choose from "
+                        f"{', '.join((*MODELS, *TEXT_HEADS))}")
     return list(dict.fromkeys(names))
 
 
@@ -246,6 +250,7 @@ def fit_head(
     preprocess: str = "l2",
     val_fraction: float = 0.2,
     seed: int = 0,
+    class_embeddings: Any = None,
 ) -> FittedHead:
     """Choose a head's hyper-parameters on a val part carved from (X, y), then refit on all rows.
 
@@ -256,8 +261,14 @@ def fit_head(
         preprocess: one of :data:`PREPROCESS`.
         val_fraction: share of each class carved off for the hyper-parameter sweep.
         seed: seed of the carve.
+        class_embeddings: for ``model="zeroshot"`` only, the text embeddings of each class's
+            prompts (``{label: vectors}``, :func:`embedstore.heads.zeroshot.text_class_embeddings`);
+            that head learns nothing from (X, y) but its classes, and always uses ``l2``.
     """
-    spec = MODELS[model_names([model])[0]]
+    name = model_names([model])[0]
+    if name == ZEROSHOT:
+        return _fit_zeroshot(X, y, class_embeddings)
+    spec = MODELS[name]
     X = np.asarray(X, dtype=np.float32)
     y = np.asarray(y)
     t0 = time.perf_counter()
@@ -275,6 +286,14 @@ def fit_head(
             clf = CalibratedClassifierCV(clf, method="temperature", cv=CALIBRATION_FOLDS, ensemble=False)
         pipe = _quiet_fit(Pipeline([("preprocess", pre), ("classifier", clf)]), X, y)
     return FittedHead(spec.name, preprocess, pipe, params, val_score, time.perf_counter() - t0)
+
+
+def _fit_zeroshot(X: np.ndarray, y: np.ndarray, class_embeddings: Any) -> FittedHead:
+    """The zero-shot head: cosine similarity to the class embeddings, the classes being those of y."""
+    t0 = time.perf_counter()
+    clf = ZeroShotClassifier(class_embeddings=class_embeddings)
+    pipe = Pipeline([("preprocess", Normalizer()), ("classifier", clf)]).fit(np.asarray(X, np.float32), np.asarray(y))
+    return FittedHead(ZEROSHOT, "l2", pipe, {"temperature": clf.temperature}, None, time.perf_counter() - t0)
 
 
 def _calibrated_on_training_rows(pre: BaseEstimator | str, clf: BaseEstimator, X: np.ndarray,

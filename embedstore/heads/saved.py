@@ -8,8 +8,8 @@ A head folder holds two files::
 
 Loading never executes code from the folder: the payload's sha256 must match the manifest
 (a changed or swapped file is refused), and skops only builds scikit-learn, NumPy and SciPy
-objects plus the classes listed in :data:`TRUSTED` (the FAISS k-NN classifier and scikit-learn's
-temperature-scaling internals). A head refuses vectors from another space (other backbone,
+objects plus the classes listed in :data:`TRUSTED` (the FAISS k-NN and zero-shot classifiers and
+scikit-learn's temperature-scaling internals). A head refuses vectors from another space (other backbone,
 weights or dimension). A manifest missing a field, or a payload that is not a file, is one
 :class:`HeadError` naming the file and the fix (save the head again), before anything is loaded.
 
@@ -40,8 +40,8 @@ __all__ = ["HEAD_FORMAT", "Head", "HeadError", "load_head", "predict_images", "s
 HEAD_FORMAT = "embedstore-head/2"
 MANIFEST = "head.json"
 PAYLOAD = "head.skops"
-TRUSTED = ("embedstore.heads.knn.FaissKNNClassifier", "sklearn.calibration._CalibratedClassifier",
-           "sklearn.calibration._TemperatureScaling")
+TRUSTED = ("embedstore.heads.knn.FaissKNNClassifier", "embedstore.heads.zeroshot.ZeroShotClassifier",
+           "sklearn.calibration._CalibratedClassifier", "sklearn.calibration._TemperatureScaling")
 LINEAGE_KEYS = ("backbone", "weights", "weights_sha256", "preprocessing", "pooling", "dim", "dtype")
 _SPACE_KEYS = ("backbone", "weights_sha256", "dim")
 # manifest fields that loading and predicting read, with the type each must have

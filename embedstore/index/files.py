@@ -122,6 +122,28 @@ def index_is_current(st: Store, sp: Space, loaded: LoadedIndex) -> bool:
             and info.get("space_generation") == sp.generation and info.get("rows") == len(sp))
 
 
+def unindexed_positions(st: Store, sp: Space, loaded: LoadedIndex) -> np.ndarray:
+    """Positions of space ``sp`` whose vector ``loaded`` lacks: rows added since it was built, or
+    written again (another version); empty when the index is current.
+
+    Reads the space's rows and versions (16 bytes a row) once per store generation: the answer is
+    kept on ``loaded``, so a process that keeps an index open (``embedstore serve``) pays it once
+    per change of the store, not once per query.
+    """
+    if index_is_current(st, sp, loaded):
+        return np.empty(0, np.int64)
+    key = (st.uuid, sp.name, sp.generation, len(sp))
+    cache = loaded.__dict__.setdefault("_unindexed", {})
+    if key not in cache:
+        order = np.argsort(loaded.rows, kind="stable")
+        rows = loaded.rows[order]
+        at = np.minimum(np.searchsorted(rows, sp.rows), max(0, len(rows) - 1))
+        same = (rows[at] == sp.rows) & (loaded.versions[order][at] == sp.versions) if len(rows) else False
+        cache.clear()  # one generation at a time
+        cache[key] = np.flatnonzero(~np.asarray(same, bool) | np.zeros(len(sp), bool)).astype(np.int64)
+    return cache[key]
+
+
 def _fix(store: str | os.PathLike, space: str) -> str:
     return f"rebuild it with `embedstore index {store} --space {space}`"
 

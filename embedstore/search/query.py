@@ -1,11 +1,12 @@
 """Similarity search over a store's embedding space.
 
 Queries are images (embedded with the space's own backbone and preprocessing, refused when the
-weights differ from the recorded checksum), store rows, or stored paths. With an up-to-date index
+weights differ from the recorded checksum), texts (a CLIP space's text tower), store rows, stored
+paths or vectors. With an up-to-date index
 (``embedstore index``) the search is approximate at the recall it was tuned for; without one, or
 when the store changed since it was built, it is exact, and the result says so. Scores are cosine
 similarities. A query reads only what it touches: its own vectors, the index, and the columns of
-the k hits; torch and timm are imported for image queries only.
+the k hits; torch and timm are imported for image and text queries only.
 
 Crash safety: reads the store and the index only; nothing here writes a file. An index that a
 build replaces while it is read is read again at its new generation (``index.files.load_index``).
@@ -19,8 +20,8 @@ import faiss
 import numpy as np
 
 from .._vectors import l2_normalize
-from ..errors import QueryError, SidecarError
-from ..index.files import LoadedIndex, index_is_current, load_built_index
+from ..errors import NotFoundError, QueryError, SidecarError
+from ..index.files import LoadedIndex, index_is_current, load_built_index, unindexed_positions
 from ..index.rerank import search_index
 from ..index.tune import omp_threads
 from ..index.vectors import exact_knn, normalized
@@ -67,7 +68,7 @@ def row_positions(space: Space, rows: Sequence[int]) -> np.ndarray:
     pos = space.positions_of(np.asarray(rows, np.int64))
     if (pos < 0).any():
         bad = int(np.asarray(rows, np.int64)[np.flatnonzero(pos < 0)[0]])
-        raise QueryError(f"row {bad} is not in space {space.name!r}: rows are the store's image rows "
+        raise NotFoundError(f"row {bad} is not in space {space.name!r}: rows are the store's image rows "
                          "(see `embedstore search --json` output or the images table)")
     return pos
 
@@ -77,7 +78,7 @@ def path_rows(store: Store, paths: Sequence[str]) -> list[int]:
     rows = stored_rows(store, paths)
     for p, row in zip(paths, rows):
         if row < 0:
-            raise QueryError(f"{p} is not in {store.path}: give a path as stored (relative to {store.root}) "
+            raise NotFoundError(f"{p} is not in {store.path}: give a path as stored (relative to {store.root}) "
                              "or use --query to embed a new image")
     return [int(r) for r in rows]
 
@@ -93,7 +94,8 @@ def _open(store: str | os.PathLike | Store, space: str | None) -> tuple[Store, S
 def _index_or_none(st: Store, sp: Space, notes: list[str], stale_ok: bool = False) -> LoadedIndex | None:
     """The space's index, None (with a note) when none was built or, unless ``stale_ok``, when the
     store changed since it was built (``index_is_current``: store identity, space generation and
-    row count, no vector read); corrupt files raise."""
+    row count, no vector read); corrupt files raise. ``stale_ok``: a stale index is returned, and
+    :func:`search` searches the rows it lacks exactly."""
     try:
         loaded = load_built_index(st, sp.name)
     except SidecarError as e:
@@ -106,22 +108,27 @@ def _index_or_none(st: Store, sp: Space, notes: list[str], stale_ok: bool = Fals
     if not index_is_current(st, sp, loaded):
         notes.append(f"the index of space {sp.name!r} is out of date ({loaded.info.get('rows')} vectors indexed, "
                      f"{len(sp)} in the store, changed ones included): "
-                     + ("" if stale_ok else f"exact search over {len(sp)} vectors instead; ")
+                     + ("rows added or changed since are searched exactly; " if stale_ok
+                        else f"exact search over {len(sp)} vectors instead; ")
                      + f"run `embedstore index {st.path} --space {sp.name}` to bring it up to date")
         return loaded if stale_ok else None
     return loaded
 
 
 def knn(sp: Space, queries: np.ndarray, k: int, index: LoadedIndex | None,
-        positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        positions: np.ndarray | None = None, unindexed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, store rows) of normalised queries: by the index when there is one.
 
     A filter (``positions``) over at most FILTER_EXACT_MAX rows is answered exactly; a larger one
     asks the index for enough extra candidates, falling back to exact search for queries that
-    still come back short.
+    still come back short. ``unindexed``: positions a stale index lacks (added, or written again
+    since it was built); they are searched exactly and merged with the index's hits, from which
+    their old vectors are dropped.
     """
     if positions is not None and (index is None or len(positions) <= FILTER_EXACT_MAX):
         return exact_knn(queries, sp.vectors, sp.rows, k, positions)
+    if index is not None and unindexed is not None and len(unindexed):
+        return _merged(sp, queries, k, index, positions, unindexed)
     if index is None:
         return exact_knn(queries, sp.vectors, sp.rows, k)
     if positions is None:
@@ -141,22 +148,38 @@ def knn(sp: Space, queries: np.ndarray, k: int, index: LoadedIndex | None,
     return out_s, out_r
 
 
+def _merged(sp: Space, queries: np.ndarray, k: int, index: LoadedIndex, positions: np.ndarray | None,
+            unindexed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``knn`` over a stale index: its hits (less rows it holds an old vector of) + exact ones over
+    the unindexed positions, best k of both."""
+    fresh = unindexed if positions is None else np.intersect1d(unindexed, positions, assume_unique=True)
+    scores, rows = knn(sp, queries, min(len(sp), k + min(len(unindexed), k)), index, positions)
+    stale = np.isin(rows, sp.rows[unindexed])
+    scores, rows = np.where(stale, -np.inf, scores).astype(np.float32), np.where(stale, -1, rows)
+    if len(fresh):
+        s2, r2 = exact_knn(queries, sp.vectors, sp.rows, k, fresh)
+        scores, rows = np.hstack([scores, s2]), np.hstack([rows, r2])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+
+
 def _hits(sp: Space, scores: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
     """The hits of one query: path and label read for these rows only."""
     pos = sp.positions_of(rows)
     ok = (rows >= 0) & (pos >= 0)  # an index may return rows the space no longer has
     pos = pos[ok]
-    paths, labels = sp.column("path", pos), sp.column("label", pos)
-    return [{"path": str(p), "score": round(float(s), 6), "row": int(r), "label": str(lab)}
-            for s, r, p, lab in zip(scores[ok], rows[ok], paths, labels)]
+    paths, labels, splits = sp.column("path", pos), sp.column("label", pos), sp.column("split", pos)
+    return [{"path": str(p), "score": round(float(s), 6), "row": int(r), "label": str(lab), "split": str(sp_)}
+            for s, r, p, lab, sp_ in zip(scores[ok], rows[ok], paths, labels, splits)]
 
 
 def search(store: str | os.PathLike | Store, *, images: Sequence[str] | None = None,
            rows: Sequence[int] | None = None, paths: Sequence[str] | None = None,
            vectors: np.ndarray | None = None, k: int = 10, space: str | None = None,
            where: dict[str, str] | None = None, exact: bool = False, exclude_self: bool = False,
-           device: str = "auto") -> dict[str, Any]:
-    """Nearest neighbours by cosine similarity of query images, store rows, stored paths or vectors.
+           device: str = "auto", index: LoadedIndex | None = None,
+           texts: Sequence[str] | None = None) -> dict[str, Any]:
+    """Nearest neighbours by cosine similarity of query images, store rows, stored paths, vectors or texts.
 
     Args:
         store: the ``.h5`` store (path or open ``Store``).
@@ -164,6 +187,8 @@ def search(store: str | os.PathLike | Store, *, images: Sequence[str] | None = N
         rows: store rows whose stored vectors are the queries.
         paths: stored image paths whose vectors are the queries.
         vectors: raw query vectors of the space's dimension.
+        texts: text queries such as ``["a photo of a cat"]``, embedded by the text tower of a space
+            embedded with an ``open_clip:`` backbone (``QueryError`` for any other space).
         k: neighbours per query; more than the rows that can be returned gives all of them
             (a note says so).
         space: embedding space (default: the store's first frozen space).
@@ -173,14 +198,17 @@ def search(store: str | os.PathLike | Store, *, images: Sequence[str] | None = N
         exact: ignore the index and search exactly.
         exclude_self: drop each query's own row from its hits (still up to k hits): the row
             queried, the stored row of a query image's path, else the rows of identical content.
-        device: where query images are embedded.
+        device: where query images and texts are embedded.
+        index: the space's index as :func:`embedstore.index.load_index` read it, kept by a caller
+            that searches many times (default: read it now). One that is out of date still answers
+            for the rows it holds; rows added or changed since are searched exactly.
 
-    Returns ``{"results": [[{"path", "score", "row", "label"}, ...], ...], "queries": [...],
-    "exact": bool, "index": {...} or None, "notes": [...], "stages": {...}}``, one result list per
+    Returns ``{"results": [[{"path", "score", "row", "label", "split"}, ...], ...], "queries": [...],
+    "exact": bool, "index": {...} or None, "available": int, "notes": [...], "stages": {...}}``, one result list per
     query; a query image that cannot be read gets an empty list and an ``error`` in ``queries``.
     """
-    if sum(x is not None for x in (images, rows, paths, vectors)) != 1:
-        raise QueryError("give exactly one kind of query: images, rows, paths or vectors")
+    if sum(x is not None for x in (images, rows, paths, vectors, texts)) != 1:
+        raise QueryError("give exactly one kind of query: images, rows, paths, vectors or texts")
     if k < 1:
         raise QueryError(f"k must be at least 1, not {k}")
     stages: dict[str, float] = {}
@@ -194,20 +222,26 @@ def search(store: str | os.PathLike | Store, *, images: Sequence[str] | None = N
         raise QueryError(f"space {sp.name!r} of {st.path} has no vectors yet: run `embedstore embed` first")
     asked, k = k, min(k, available)  # before anything of size k is allocated
     with timed(stages, "queries"):
-        q, described = _queries(st, sp, images, rows, paths, vectors, device)
+        q, described = _queries(st, sp, images, rows, paths, vectors, texts, device)
     selves = self_rows(st, sp, described, images is not None) if exclude_self else [set() for _ in described]
-    if exclude_self and vectors is not None:
-        notes.append("exclude_self has no effect on vector queries: they are no row of the store")
+    if exclude_self and (vectors is not None or texts is not None):
+        notes.append(f"exclude_self has no effect on {'vector' if texts is None else 'text'} queries: "
+                     "they are no row of the store")
     extra = max((len(x) for x in selves), default=0)  # rows to ask for beyond k, dropped afterwards
     want = min(available, k + extra)
     if asked > want - extra:
         notes.append(f"k={asked}: only {available} images can be returned"
                      f"{' after the filter' if filters else ''}{', the query itself left out' if extra else ''}")
     with timed(stages, "load_index"):
-        index = None if exact else _index_or_none(st, sp, notes)
+        index = None if exact else _check_index(st, sp, index) if index is not None else _index_or_none(
+            st, sp, notes, stale_ok=True)
+        unindexed = None if index is None else unindexed_positions(st, sp, index)
+        if unindexed is not None and len(unindexed) > max(FILTER_EXACT_MAX, len(sp) // 4):
+            notes.append(f"{len(unindexed)} of {len(sp)} vectors are not in the index: exact search instead")
+            index, unindexed = None, None
     with timed(stages, "search"):
         ok = np.array([d.get("error") is None for d in described], bool)
-        scores, found = (knn(sp, q[ok], want, index, positions) if ok.any()
+        scores, found = (knn(sp, q[ok], want, index, positions, unindexed) if ok.any()
                          else (np.empty((0, want)), np.empty((0, want))))
     results: list[list[dict[str, Any]]] = [[] for _ in described]
     for i, s, r in zip(np.flatnonzero(ok), scores, found):
@@ -223,14 +257,30 @@ def search(store: str | os.PathLike | Store, *, images: Sequence[str] | None = N
         "exact": bool(exact_used),
         "index": None if index is None else {key: index.info.get(key) for key in ("kind", "factory", "params",
                                                                                    "recall_at_10")},
+        "available": int(available - extra),  # hits a query can have at most (after the filter, itself left out)
         "notes": notes,
         "stages": {key: round(v, 4) for key, v in stages.items()},
     }
 
 
+def _check_index(st: Store, sp: Space, index: LoadedIndex) -> LoadedIndex:
+    """A caller's index, refused (QueryError) when it belongs to another store or space."""
+    uuid = index.info.get("store_uuid")
+    if index.info.get("space") != sp.name or (uuid and st.uuid and uuid != st.uuid):
+        raise QueryError(f"the index given ({index.files.sidecar}) belongs to space {index.info.get('space')!r} of "
+                         f"store {uuid}, not space {sp.name!r} of {st.path}: load this space's own index "
+                         "with embedstore.index.load_index")
+    return index
+
+
 def _queries(st: Store, sp: Space, images: Sequence[str] | None, rows: Sequence[int] | None,
-             paths: Sequence[str] | None, vectors: np.ndarray | None,
+             paths: Sequence[str] | None, vectors: np.ndarray | None, texts: Sequence[str] | None,
              device: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    if texts is not None:
+        from ..embedding.text import embed_texts  # torch and open_clip: text queries only
+
+        q = embed_texts(sp, texts, device=device)  # QueryError for a space without a text tower
+        return q, [{"query": f"text: {t}"} for t in texts]
     if images is not None:
         from ..data.collection import expand_images  # PIL: only image queries need it
 

@@ -15,26 +15,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._hashing import hash_file
+from ..choices import WHERE_KEYS, parse_where  # noqa: F401 (API: the CLI's --where strings as a filter dict)
 from ..errors import QueryError
 from ..store import Space, Store
 
-WHERE_KEYS = ("label", "split", "path")
 CHUNK = 65536  # rows of a string column read at a time
-
-
-def parse_where(where: str | Sequence[str] | None) -> dict[str, str]:
-    """``["label=cat", "split=val"]`` -> ``{"label": "cat", "split": "val"}`` (all must hold): the
-    CLI's ``--where`` strings, as :func:`embedstore.search.search` takes them. ``path=PREFIX``
-    keeps the images whose stored path starts with PREFIX."""
-    if not where:
-        return {}
-    out = {}
-    for clause in [where] if isinstance(where, str) else where:
-        key, sep, value = clause.partition("=")
-        if not sep or key.strip() not in WHERE_KEYS:
-            raise QueryError(f"cannot read --where {clause!r}: use label=NAME or split=NAME (or path=PREFIX)")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def check_where(where: dict[str, str] | None) -> dict[str, str]:
@@ -126,13 +111,22 @@ def self_rows(st: Store, sp: Space, described: list[dict[str, Any]], from_files:
             wanted.setdefault(hash_file(described[i]["query"]), []).append(i)
         except OSError:
             pass
-    if wanted:
-        keys = np.array(list(wanted), dtype=object)
-        for a in range(0, len(sp), CHUNK):
-            pos = np.arange(a, min(len(sp), a + CHUNK))
-            hashes = np.asarray(sp.column("hash", pos), dtype=object).astype(str)
-            hit = np.flatnonzero(np.isin(hashes, keys))
-            for p in hit:
-                for i in wanted[hashes[p]]:
-                    out[i].add(int(sp.rows[pos[p]]))
+    for digest, rows in rows_with_hashes(sp, list(wanted)).items():
+        for i in wanted[digest]:
+            out[i] |= rows
     return out
+
+
+def rows_with_hashes(sp: Space, digests: Sequence[str]) -> dict[str, set[int]]:
+    """Store rows of this space whose stored content hash (``_hashing.hash_bytes``) is one of
+    ``digests``, read chunk by chunk; digests no row has are left out."""
+    found: dict[str, set[int]] = {}
+    if not digests:
+        return found
+    keys = np.array(list(digests), dtype=object)
+    for a in range(0, len(sp), CHUNK):
+        pos = np.arange(a, min(len(sp), a + CHUNK))
+        hashes = np.asarray(sp.column("hash", pos), dtype=object).astype(str)
+        for p in np.flatnonzero(np.isin(hashes, keys)):
+            found.setdefault(hashes[p], set()).add(int(sp.rows[pos[p]]))
+    return found
