@@ -50,6 +50,10 @@ def backbones(as_json: bool, check: bool) -> None:
       any timm model name        e.g. resnet50, convnext_tiny, vit_small_patch16_224
                                  (pretrained weights from timm's cache or hub when reachable)
       torchvision:<name>         e.g. torchvision:resnet18
+      open_clip:<arch>           a CLIP model, e.g. open_clip:ViT-B-32, whose text tower
+                                 also serves `search --text` and the zeroshot head;
+                                 --weights TAG (e.g. laion2b_s34b_b79k) from the local
+                                 Hugging Face cache (pip install 'tl-embedstore[clip]')
       with --weights FILE        a local .pth/.safetensors state dict for that architecture
       with --weights random      a seeded untrained network (for tests and baselines)
     """
@@ -69,7 +73,8 @@ def backbones(as_json: bool, check: bool) -> None:
          + ([r["check"]] if check else []) for r in rows],
         header,
     ))
-    click.echo("\nAlso: any timm name (timm.list_models()), torchvision:<name>, --weights FILE|random.")
+    click.echo("\nAlso: any timm name (timm.list_models()), torchvision:<name>, open_clip:<arch>, "
+               "--weights FILE|random.")
 
 
 @main.command()
@@ -77,8 +82,10 @@ def backbones(as_json: bool, check: bool) -> None:
 @click.option("--store", "store", default=None, type=click.Path(dir_okay=False),
               help="HDF5 store to create or extend. Default: beside PATH, photos/ -> photos.h5, list.csv -> list.h5.")
 @click.option("--backbone", default=embedstore.DEFAULT_BACKBONE, show_default=True,
-              help="Registry name, timm name or torchvision:<name>.")
-@click.option("--weights", default=None, help="Local checkpoint (.pth/.safetensors) or 'random'. Default: pretrained.")
+              help="Registry name, timm name, torchvision:<name> or open_clip:<arch> (CLIP, with a text tower).")
+@click.option("--weights", default=None,
+              help="Local checkpoint (.pth/.safetensors), 'random', or for open_clip: an open_clip pretrained tag "
+                   "such as laion2b_s34b_b79k (from the local cache). Default: pretrained.")
 @click.option("--space", default=None, help="Name of the embedding space. Default: derived from backbone and weights.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -246,7 +253,7 @@ def _register_commands() -> None:
 
 
 COMMAND_MODULES = ("search_commands", "classify_commands", "finetune_commands", "scale_commands", "report_commands",
-                   "import_commands")
+                   "import_commands", "serve_commands")
 _register_commands()
 
 if __name__ == "__main__":  # pragma: no cover

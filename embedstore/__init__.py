@@ -3,6 +3,7 @@
 The sub-packages follow the data flow::
 
     data -> backbones -> embedding -> pipeline -> store -> index -> search -> heads -> finetuning -> report
+                                                                      -> serve
 
 Every name below works after a plain ``import embedstore``; each is imported on first use, so
 ``import embedstore`` (and ``embedstore info``) stay fast. The sub-packages themselves are
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 SUBPACKAGES = ("data", "backbones", "embedding", "pipeline", "store", "index", "search", "heads", "finetuning",
-               "report", "demo", "choices", "errors")
+               "report", "serve", "demo", "choices", "errors")
 
 _LAZY = {  # public name -> the sub-package that defines it
     "discover": "data",
@@ -47,6 +48,8 @@ _LAZY = {  # public name -> the sub-package that defines it
     "predict_images": "heads",
     "finetune": "finetuning",
     "write_report": "report",
+    "Client": "serve",
+    "create_app": "serve",
 }
 
 __all__ = [
