@@ -223,7 +223,8 @@ def test_a_stale_index_is_brought_up_to_date_in_the_background(tiny_store: Path,
         st, indexes = served.snapshot()
         assert st.n_images == before + 4 and indexes[st.space().name].info["rows"] == st.n_images
         events = [e["event"] for e in served.events if e["event"] in ("store changed", "index updated")]
-        assert events[:2] == ["store changed", "index updated"]
+        # an embed run may publish more than once (journal parts, then the fold): one change or several
+        assert events[0] == "store changed" and "index updated" in events
     finally:
         served.close()
 
@@ -300,3 +301,17 @@ def test_pages_say_whether_more_follow_and_hits_carry_their_split(tiny_store: Pa
     assert first["more"] and first["available"] == n - 1 and len(first["results"][0]) == 20
     assert not last["more"] and len(last["results"][0]) == n - 1 - 20
     assert {h["split"] for h in val["results"][0]} == {"val"} and val["more"] == (val["available"] > 5)
+
+
+def test_the_openapi_page_works_offline(tiny_store: Path) -> None:
+    """/docs names only files the server itself sends (Swagger UI from the package, not a CDN)."""
+    import re
+
+    c, _ = client_for(tiny_store, token="t")
+    with c:
+        page = c.get("/docs")
+        assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert page.status_code == 200 and any(a.endswith(".js") for a in assets)
+        assert all(a.startswith("/") and c.get(a).status_code == 200 for a in assets), assets
+        paths = c.get("/openapi.json").json()["paths"]
+    assert {"/api/search", "/api/search/image", "/api/predict", "/api/info"} <= set(paths)

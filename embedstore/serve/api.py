@@ -66,8 +66,9 @@ def _search(srv: ServedStore, space: str | None, k: int, offset: int, where: dic
     st, sp, index = srv.space(space)
     selves: list[set[int]] = query.pop("selves", None) or []
     extra = max((len(s) for s in selves), default=0)
-    out = search(st, k=k + offset + extra, space=sp.name, where=where, exact=exact, index=index,
-                 exclude_self=exclude_self and not selves, **query)
+    with srv.read_lock:
+        out = search(st, k=k + offset + extra, space=sp.name, where=where, exact=exact, index=index,
+                     exclude_self=exclude_self and not selves, **query)
     results = out["results"]
     if selves:
         results = [[h for h in hits if h["row"] not in own] for hits, own in zip(results, selves)]

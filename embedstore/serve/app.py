@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline  # /docs with Swagger UI's files from the package, not a CDN
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -25,7 +26,7 @@ from .state import ServedStore, ServeOptions
 
 STATIC = Path(__file__).parent / "static"
 # the page and the API's description carry no data of the store: the page asks the API with the token
-OPEN_PATHS = ("/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+OPEN_PATHS = ("/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/favicon.ico")
 
 
 def _status(e: EmbedstoreError) -> int:
@@ -91,7 +92,7 @@ def create_app(store: ServedStore | str | os.PathLike, options: ServeOptions | N
         finally:
             srv.close()
 
-    app = FastAPI(title="embedstore search", lifespan=lifespan,
+    app = FastAPIOffline(title="embedstore search", lifespan=lifespan,
                   description=f"Similarity search over {srv.path}: by image, text, row, path or vector. "
                               "Scores are cosine similarities.")
     app.state.served = srv
@@ -110,7 +111,7 @@ def create_app(store: ServedStore | str | os.PathLike, options: ServeOptions | N
         @app.middleware("http")
         async def check_token(request: Request, call_next: Any) -> Any:
             path = request.url.path
-            if path in OPEN_PATHS or path.startswith("/static/"):
+            if path in OPEN_PATHS or path.startswith(("/static/", "/static-offline-docs/")):
                 return await call_next(request)
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
                 or request.query_params.get("token", "")
