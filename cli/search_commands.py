@@ -86,7 +86,7 @@ def index_command(store: str, space: str | None, kind: str, memory: int, target_
 
 
 @click.command("search")
-@click.argument("store", required=False, type=click.Path(dir_okay=False))
+@click.argument("store", required=False, type=click.Path())
 @click.argument("more_images", nargs=-1, metavar="[IMG]...", type=click.Path(exists=True))
 @click.option("--query", "-q", "images", multiple=True, type=click.Path(exists=True),
               help="Query image or folder of images; more images may follow (--query a.jpg b.jpg).")
@@ -132,6 +132,9 @@ def search_command(store: str | None, more_images: tuple[str, ...], images: tupl
         more_images, store = (store, *more_images), None  # with --server, every argument may be an image
     if not server and not store:
         raise click.UsageError("give the STORE to search (or --server URL of a running `embedstore serve`)")
+    if store and os.path.isdir(store):
+        raise click.BadParameter(f"{store} is a folder: give the store file (FILE.h5) first, then query images",
+                                 param_hint="STORE")
     images = images + more_images
     if sum(bool(x) for x in (images, rows, paths, vector_file, texts)) != 1:
         raise click.UsageError("give one kind of query: --query IMG..., --row N, --path P, --vector FILE.npy "
@@ -143,7 +146,6 @@ def search_command(store: str | None, more_images: tuple[str, ...], images: tupl
         result = _served_search(server, token, store, images=list(images) or None, rows=list(rows) or None,
                                 paths=list(paths) or None, vectors=vectors, texts=list(texts) or None, k=k,
                                 space=space, where=parse_where(list(where)), exact=exact, exclude_self=exclude_self)
-        store = store or "served"
     else:
         from embedstore.search import search
 
@@ -151,7 +153,7 @@ def search_command(store: str | None, more_images: tuple[str, ...], images: tupl
                         vectors=vectors, texts=list(texts) or None, k=k, space=space,
                         where=parse_where(list(where)), exact=exact, exclude_self=exclude_self)
     folders = [p for p in images if os.path.isdir(p)]
-    if out is None and folders:  # beside the store, never in the current directory
+    if out is None and folders and not server:  # beside the store, never in the current directory (served: printed)
         name = os.path.basename(os.path.abspath(folders[0])) or "queries"
         out = os.path.join(f"{store}.search", f"{name}.csv")
     if out:

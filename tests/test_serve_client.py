@@ -150,3 +150,15 @@ def test_the_listening_socket_gets_tcp_nodelay_on_accepted_connections() -> None
         return value
 
     assert asyncio.run(check()) == 1
+
+
+def test_cli_folder_queries_through_a_server_print_and_write_nothing_here(server: tuple[subprocess.Popen, str],
+                                                                         collection: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    _, url = server
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = CliRunner().invoke(main, ["search", "--server", url, str(collection / "val" / "red_disc"), "-k", "2"])
+    assert out.exit_code == 0, out.output
+    assert out.stdout.count("query ") == 6 and "rank" in out.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no served.search/ in the current directory
