@@ -3,8 +3,9 @@
 Queries are images (embedded with the space's own backbone and preprocessing, refused when the
 weights differ from the recorded checksum), texts (a CLIP space's text tower), store rows, stored
 paths or vectors. With an up-to-date index
-(``embedstore index``) the search is approximate at the recall it was tuned for; without one, or
-when the store changed since it was built, it is exact, and the result says so. Scores are cosine
+(``embedstore index``) the search is approximate at the recall it was tuned for; without one it is
+exact, and the result says so. An index the store moved past (rows added or written again since it
+was built) still answers for what it holds; the rest is searched exactly and merged, with a note. Scores are cosine
 similarities. A query reads only what it touches: its own vectors, the index, and the columns of
 the k hits; torch and timm are imported for image and text queries only.
 

@@ -106,7 +106,7 @@ def _upload(file: UploadFile, limit: int) -> bytes:
     data = file.file.read(limit + 1)
     if len(data) > limit:
         raise UploadTooLargeError(f"{file.filename or 'the upload'} is over this server's limit of {limit} bytes "
-                          "(start it with a larger --max-upload)")
+                                  "(start it with a larger --max-upload)")
     return data
 
 
@@ -117,13 +117,18 @@ def search_image(request: Request, file: UploadFile = File(..., description="a J
                  exclude_self: bool = False, exact: bool = False) -> dict[str, Any]:
     """The k nearest neighbours of an uploaded image, embedded with the space's own backbone.
 
-    exclude_self leaves out the stored rows whose content is byte-for-byte this upload."""
+    exclude_self leaves out the stored rows whose content is byte-for-byte this upload (found by a
+    scan of the space's content hashes: it costs a read of that column)."""
     srv = served(request)
     name = file.filename or "upload"
     data = _upload(file, srv.options.max_upload_bytes)
     _, sp, _ = srv.space(space)
     q = srv.model(sp).embed_images([data], [name])
-    selves = [rows_with_hashes(sp, [hash_bytes(data)]).get(hash_bytes(data), set())] if exclude_self else None
+    selves = None
+    if exclude_self:
+        digest = hash_bytes(data)
+        with srv.read_lock:
+            selves = [rows_with_hashes(sp, [digest]).get(digest, set())]
     where = Where(label=label, split=split, path=path).as_dict()
     out = _search(srv, space=sp.name, k=k, offset=offset, where=where, exact=exact, exclude_self=exclude_self,
                   vectors=q, selves=selves)
