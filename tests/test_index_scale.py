@@ -42,6 +42,14 @@ def pq_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(choose, "PQ_MIN_ROWS", 10_000)
 
 
+def room() -> int:
+    """A --memory budget with 1 GiB free beside what this process holds already: the slow tier runs these
+    after tests that leave the pytest process at ~4.4 GiB, over the default budget of 4 GiB."""
+    import psutil
+
+    return psutil.Process().memory_info().rss + (1 << 30)
+
+
 def exact_top(queries: np.ndarray, base: np.ndarray, k: int = 10) -> np.ndarray:
     return faiss.knn(normalized(queries), normalized(base), k, metric=faiss.METRIC_INNER_PRODUCT)[1]
 
@@ -51,7 +59,7 @@ def test_auto_ivf_pq_reranked_from_the_store_reaches_its_recall(tmp_path: Path, 
                                                                   pq_auto: None) -> None:
     store = tmp_path / "s.h5"
     commit(store, data[:12_000], 0)
-    info = build_index(store)
+    info = build_index(store, memory=room())
     assert info["factory"] == "IVF128,PQ16x4fs" and info["rerank"] == "stored vectors"
     assert info["kind"] == "ivf-pq+rerank" and info["params"]["k_factor"] >= 16 and info["recall_at_10"] >= 0.9
     st = open_store(store)
@@ -70,7 +78,7 @@ def test_grown_store_is_stale_and_only_fresh_rows_are_added(tmp_path: Path, data
                                                             kind: str) -> None:
     store = tmp_path / "s.h5"
     commit(store, data[:12_000], 0)
-    first = build_index(store, kind=kind)
+    first = build_index(store, kind=kind, memory=room())
     assert first["factory"] == {"auto": "IVF128,PQ16x4fs", "ivf-flat": "IVF128,Flat"}[kind]
     st = open_store(store)
     assert first["store_uuid"] == st.uuid and first["space_generation"] == st.space().generation
@@ -78,7 +86,7 @@ def test_grown_store_is_stale_and_only_fresh_rows_are_added(tmp_path: Path, data
     commit(store, data[:1] * 0.5 + data[1:2], 0)  # the image of row 0 was edited and embedded again
     st = open_store(store)
     assert not index_is_current(st, st.space(), load_index(st))
-    grown = build_index(store, kind=kind)
+    grown = build_index(store, kind=kind, memory=room())
     assert (grown["mode"], grown["added"], grown["removed"], grown["rows"]) == ("incremental", 2001, 1, 14_000)
     loaded = load_index(store)
     assert loaded.index.ntotal == 14_000 and sorted(np.asarray(loaded.rows).tolist()) == list(range(14_000))
@@ -87,7 +95,7 @@ def test_grown_store_is_stale_and_only_fresh_rows_are_added(tmp_path: Path, data
     assert index_is_current(st, sp, loaded) and np.array_equal(loaded.versions, sp.versions)
     _, rows = search_index(loaded, sp, normalized(sp.vectors, np.array([0, 13_000])), 1)
     assert rows[:, 0].tolist() == [0, 13_000]
-    again = build_index(store, kind=kind)
+    again = build_index(store, kind=kind, memory=room())
     assert again["mode"] == "unchanged" and again["added"] == 0
 
 
