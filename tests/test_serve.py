@@ -214,14 +214,14 @@ def test_a_stale_index_is_brought_up_to_date_in_the_background(tiny_store: Path,
     try:
         before = served.store.n_images
         _add_images(collection, tiny_store)
-        deadline = time.time() + 30
+        deadline = time.time() + 60
         while time.time() < deadline:
             st, indexes = served.snapshot()
             if st.n_images == before + 4 and indexes[st.space().name].info["rows"] == st.n_images:
                 break
             time.sleep(0.1)
         st, indexes = served.snapshot()
-        assert st.n_images == before + 4 and indexes[st.space().name].info["rows"] == st.n_images
+        assert st.n_images == before + 4 and indexes[st.space().name].info["rows"] == st.n_images, served.events
         events = [e["event"] for e in served.events if e["event"] in ("store changed", "index updated")]
         # an embed run may publish more than once (journal parts, then the fold): one change or several
         assert events[0] == "store changed" and "index updated" in events

@@ -85,13 +85,14 @@ class QueryModel:
 
     def __init__(self, attrs: dict[str, Any], device: str = "auto", max_batch: int = 32) -> None:
         from ..backbones.load import load_space_backbone
+        from ..data.decode import Decoder
         from ..data.reader import draft_size
         from ..embedding.embedder import Embedder
 
         self.backbone = load_space_backbone(attrs)  # BackboneError when the weights here differ
         self.embedder = Embedder(self.backbone, device=device)
-        self.transform = self.backbone.eval_transform()
-        self.min_size = draft_size(self.backbone.data_config)
+        # the collection reader's own decoding, so an upload of a stored file gets the stored pixels
+        self.decode = Decoder(self.backbone.eval_transform(), draft_size(self.backbone.data_config))
         self.batcher = MicroBatcher(self.embedder, max_batch, name=f"embedstore-batcher-{self.backbone.name}")
         self._text_lock = threading.Lock()
 
@@ -100,14 +101,10 @@ class QueryModel:
         not a usable image)."""
         from PIL import Image
 
-        from ..data.reader import decode_image
-
         if not data:
             raise UploadError(f"{what} is empty: send the bytes of a JPEG, PNG, WebP, BMP or TIFF image")
         try:
-            im = decode_image(data, self.min_size)
-            im.load()
-            return self.transform(im)
+            return self.decode(data)
         except Image.DecompressionBombError as e:
             raise UploadError(f"{what} was refused: {e}") from None
         except (OSError, ValueError, SyntaxError) as e:

@@ -29,6 +29,7 @@ from ..store import Space, Store, open_store
 from ..store.format import journal_dir
 
 log = logging.getLogger("embedstore.serve")
+RETRY_SECONDS = 10  # a failed index update (e.g. the store changed under it) is tried again after this
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ class ServedStore:
 
     def _start_build(self, name: str) -> None:
         with self._lock:
-            if name in self._building or time.time() - self._failed_builds.get(name, 0) < 60:
+            if name in self._building or time.time() - self._failed_builds.get(name, 0) < RETRY_SECONDS:
                 return
             self._building.add(name)
         threading.Thread(target=self._build, args=(name,), name=f"embedstore-index-{name}", daemon=True).start()
