@@ -1,4 +1,5 @@
-"""Reading images: decode files robustly (discovery of a collection lives in ``collection``).
+"""Reading images: read files safely and decode them robustly (discovery lives in ``collection``,
+decoding in ``decode``: Pillow, or torchvision for the JPEGs it decodes faster to the same pixels).
 
 The reader stage of the pipeline. Every failure is returned as data (error type and message),
 never raised, so one bad file cannot stop a run. The reader opens only regular files, without
@@ -8,66 +9,19 @@ module only reads; it writes nothing.
 """
 from __future__ import annotations
 
-import io
 import os
 import stat
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from .._hashing import hash_bytes
 from ..errors import EmptyFileError, FileTooLargeError, NotRegularFileError, OutsideRootError
 from .collection import MAX_FILE_BYTES, ImageItem
-
-# Refuse decompression bombs by pixel count (Pillow's limit), before any pixel is decoded.
-MAX_PIXELS = 89_478_485
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
-    """Decode bytes to an RGB image: EXIF orientation applied, JPEG draft mode for large photos.
-
-    ``min_size`` lets JPEG decoding skip detail (DCT scaling) while keeping both sides at least
-    that many pixels. Raises on corrupt, truncated, non-image and over-large (bomb) input.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(data))
-            if im.width * im.height > MAX_PIXELS:
-                raise Image.DecompressionBombWarning(f"{im.width}x{im.height} pixels")
-            if min_size and im.format == "JPEG":
-                im.draft("RGB", (min_size, min_size))
-            im = ImageOps.exif_transpose(im)
-        except UnidentifiedImageError:  # Pillow's message names the BytesIO object, not the file
-            raise UnidentifiedImageError("cannot identify image file (not an image Pillow can read)") from None
-        except Image.DecompressionBombWarning as w:
-            raise Image.DecompressionBombError(
-                f"refused: {w} exceeds the limit of {MAX_PIXELS} pixels (possible decompression bomb)"
-            ) from None
-        return to_rgb(im)
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB (16-bit scaled down, transparency composited on white)."""
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(im, dtype=np.int64)
-        peak = 65535 if im.mode.startswith("I;16") or arr.max() > 255 else 255
-        return Image.fromarray((arr * 255 // peak).clip(0, 255).astype(np.uint8), "L").convert("RGB")
-    if im.mode == "F":
-        arr = np.asarray(im, dtype=np.float32)
-        return Image.fromarray(arr.clip(0, 255).astype(np.uint8), "L").convert("RGB")
-    if im.mode == "P" and "transparency" in im.info or im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = im.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return im.convert("RGB")
+from .decode import MAX_PIXELS, Decoder, decode_image, to_rgb  # noqa: F401 (re-exported: serve, tests)
 
 
 @dataclass
@@ -84,14 +38,20 @@ class ReadResult:
 
 
 class ImageReader(torch.utils.data.Dataset):
-    """Reads, hashes, decodes and transforms items; failures come back as results, not exceptions."""
+    """Reads, hashes, decodes and transforms items; failures come back as results, not exceptions.
+
+    ``decoder`` picks the decoding path (:class:`.decode.Decoder`): ``"auto"`` (torchvision for the
+    JPEGs it decodes faster to the same pixels, Pillow for the rest), ``"pillow"`` (the reference
+    path for every file) or ``"torchvision"`` (every JPEG it can take, large ones too).
+    """
 
     def __init__(self, items: Sequence[ImageItem], transform: Callable[[Image.Image], Any], min_size: int | None,
-                 max_bytes: int = MAX_FILE_BYTES):
+                 max_bytes: int = MAX_FILE_BYTES, decoder: str = "auto"):
         self.items = items
         self.transform = transform
         self.min_size = min_size
         self.max_bytes = max_bytes
+        self.decode = Decoder(transform, min_size, decoder)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -104,8 +64,7 @@ class ImageReader(torch.utils.data.Dataset):
             result.hash = hash_bytes(data)
             if not data:
                 raise EmptyFileError("empty file (0 bytes): nothing to decode")
-            pixels = self.transform(decode_image(data, self.min_size))
-            result.pixels = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
+            result.pixels = self.decode(data)
         except Exception as e:  # noqa: BLE001 - a bad file is data, not a crash
             result.error, result.message = type(e).__name__, str(e)[:500] or type(e).__name__
         return result
