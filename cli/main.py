@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 import embedstore
-from embedstore.choices import ENGINES, MAX_SHARDS, PRECISIONS, STORE_DTYPES
+from embedstore.choices import ENGINES, MAX_SHARDS, PRECISIONS, RUNTIMES, STORE_DTYPES
 from embedstore_cli.friendly import emit_json, friendly
 
 
@@ -90,7 +90,17 @@ def backbones(as_json: bool, check: bool) -> None:
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", default="auto", show_default=True,
-              type=click.Choice(PRECISIONS), help="auto: bf16 on AMX/AVX512-BF16 CPUs, fp16/bf16 on GPU.")
+              type=click.Choice(PRECISIONS),
+              help="auto: bf16 on AMX/AVX512-BF16 CPUs, fp16/bf16 on GPU. For --runtime torch only "
+                   "(the others run fp32).")
+@click.option("--runtime", default="auto", show_default=True, type=click.Choice(RUNTIMES),
+              help="Inference runtime. torch: eager PyTorch. onnxruntime, openvino: the backbone exported once to "
+                   "ONNX (cached in $EMBEDSTORE_CACHE, else ~/.cache/embedstore), CPU, fp32; checked first against "
+                   "torch fp32 on a few of the images (cosine >= 0.999 each), else torch embeds and the summary "
+                   "says why. auto: torch on a GPU or with --precision bf16/fp16; on a CPU, runs of 1000+ images "
+                   "time torch against the installed runtimes on a few batches and keep the fastest (a runtime "
+                   "must win by 10%), remembered per machine and backbone; smaller runs use torch unless a "
+                   "probe is on record. One space takes vectors of any runtime.")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Decode worker processes. Default: from device and cores.")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(STORE_DTYPES),
               help="Stored vector type.")
@@ -113,7 +123,8 @@ def backbones(as_json: bool, check: bool) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly
 def embed(path: str, store: str | None, backbone: str, weights: str | None, space: str | None, batch_size: int,
-          device: str, precision: str, workers: int | None, dtype: str, engine: str, address: str | None,
+          device: str, precision: str, runtime: str, workers: int | None, dtype: str, engine: str,
+          address: str | None,
           shards: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None, shard: str | None,
           follow_symlinks: bool, max_file_size: str, as_json: bool, quiet: bool) -> None:
     """Embed the images under PATH (a folder or a CSV list) into an HDF5 store.
@@ -141,7 +152,7 @@ def embed(path: str, store: str | None, backbone: str, weights: str | None, spac
     if chosen:
         store = default_store(path)
     summary = embedstore.embed(path, store, backbone=backbone, weights=weights, space=space,
-                               batch_size=batch_size, device=device, precision=precision,
+                               batch_size=batch_size, device=device, precision=precision, runtime=runtime,
                                workers=workers, dtype=dtype, progress=not quiet, shard=shard_pair, engine=engine,
                                address=address, shards=shards, gpus_per_worker=gpus_per_worker,
                                cpus_per_worker=cpus_per_worker, follow_symlinks=follow_symlinks,
@@ -157,10 +168,13 @@ def embed(path: str, store: str | None, backbone: str, weights: str | None, spac
         return
     target = summary.get("shard_file", summary["store"])
     click.echo(
-        f"{target}: space {summary['space']} ({summary['device']}, {summary['precision']}): "
+        f"{target}: space {summary['space']} "
+        f"({summary.get('runtime') or summary['precision']} on {summary['device']}): "
         f"{summary['embedded']} embedded, {summary['skipped']} skipped, {summary['failed']} failed "
         f"of {summary['images']} images in {summary['seconds']:.1f}s ({summary['images_per_s']:.1f} images/s)"
     )
+    for note in summary.get("notes", ()):
+        click.echo(f"note: {note}")
     if summary["failed"]:
         click.echo(f"see the failures with: embedstore info {store} --failures")
 
@@ -199,8 +213,9 @@ def info(store: str, as_json: bool, show_failures: bool) -> None:
     if summary["splits"]:
         click.echo("  splits: " + ", ".join(f"{k} ({v})" for k, v in summary["splits"].items()))
     if summary["spaces"]:
-        click.echo(_table([[s["name"], s["backbone"], s["dim"], s["rows"], s["dtype"]] for s in summary["spaces"]],
-                          ["space", "backbone", "dim", "rows", "dtype"]))
+        rows = [[s["name"], s["backbone"], s["dim"], s["rows"], s["dtype"], ", ".join(s.get("runtimes") or [])]
+                for s in summary["spaces"]]
+        click.echo(_table(rows, ["space", "backbone", "dim", "rows", "dtype", "runtime"]))
     if show_failures:
         for f in st.failures:
             click.echo(f"  FAILED {f['path']}: {f['error']}: {f['message']}")

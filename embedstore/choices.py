@@ -16,6 +16,7 @@ TEXT_HEADS = ("zeroshot",)  # heads that need a space with a text tower (open_cl
 PROTOCOLS = ("auto", "split", "cv")
 PREPROCESS = ("l2", "standard", "pca-whiten", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # embed --precision (embedding.embedder)
+RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")  # embed --runtime (embedding.runtimes)
 STORE_DTYPES = ("float16", "float32")  # embed --dtype: the stored vector type (pipeline.run)
 ENGINES = ("local", "ray")  # embed --engine (pipeline.run)
 MAX_SHARDS = 99999  # embed --shards / --shard I/N: shard file names hold N in five digits (pipeline.shards)

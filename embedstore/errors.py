@@ -74,6 +74,11 @@ class EmbedOptionError(EmbedstoreError, ValueError):
     """``embed`` options that cannot be used (or combined) as given; the message names the option and the fix."""
 
 
+class RuntimeUnavailableError(EmbedstoreError):
+    """An inference runtime (onnxruntime, openvino) cannot export, load or reproduce a backbone; ``embed``
+    falls back to torch and shows this message as a note of the run."""
+
+
 class ShardError(EmbedOptionError):
     """A shard (``(i, n)`` / ``--shard I/N``) or a set of shard files to merge that cannot be used as given."""
 

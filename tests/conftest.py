@@ -4,10 +4,27 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from imagegen import SHARED, TINY_BACKBONE, make_collection  # noqa: F401 (re-exported)
+
+CACHE_ENV = "EMBEDSTORE_CACHE"  # embedstore.embedding.onnx.CACHE_ENV (not imported here: no torch)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _runtime_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The exported-runtime cache (ONNX exports, validations, auto's probes) of this test session, not
+    the user's: a probe on record there would change which runtime ``auto`` picks in other tests."""
+    folder = tmp_path_factory.mktemp("runtime-cache")
+    saved = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = saved
 
 
 @pytest.fixture(scope="session")

@@ -52,19 +52,20 @@ def test_choices_match_the_implementations() -> None:
 
 
 def test_embed_choices_come_from_one_place() -> None:
-    """``embed``'s --precision, --dtype, --engine and --shards offer exactly what the library accepts:
+    """``embed``'s --precision, --runtime, --dtype, --engine and --shards offer exactly what the library accepts:
     the library modules and the CLI read the same tuples from :mod:`embedstore.choices`."""
     import click
 
-    from embedstore.embedding import embedder
+    from embedstore.embedding import embedder, runtimes
     from embedstore.pipeline import ray_runner, run, shards
     from embedstore_cli.main import embed
 
-    assert embedder.PRECISIONS is choices.PRECISIONS
+    assert embedder.PRECISIONS is choices.PRECISIONS and runtimes.RUNTIMES is choices.RUNTIMES is run.RUNTIMES
     assert run.STORE_DTYPES is choices.STORE_DTYPES and run.ENGINES is choices.ENGINES
     assert shards.MAX_SHARDS is choices.MAX_SHARDS is ray_runner.MAX_SHARDS
     opts = {o.name: o.type for o in embed.params}
     assert tuple(opts["precision"].choices) == choices.PRECISIONS
+    assert tuple(opts["runtime"].choices) == choices.RUNTIMES == ("auto", "torch", "onnxruntime", "openvino")
     assert tuple(opts["dtype"].choices) == choices.STORE_DTYPES
     assert tuple(opts["engine"].choices) == choices.ENGINES
     assert isinstance(opts["shards"], click.IntRange) and (opts["shards"].min, opts["shards"].max) == (1, choices.MAX_SHARDS)

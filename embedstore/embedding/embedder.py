@@ -84,18 +84,31 @@ def default_workers(device: torch.device) -> int:
 
 
 class Embedder:
-    """Runs a backbone on batches of uint8 CHW images and returns float32 vectors."""
+    """Runs a backbone on batches of uint8 CHW images and returns float32 vectors (eager torch).
+
+    The exported runtimes (:mod:`.onnx`, chosen by :func:`.runtimes.load_embedder`) keep the same
+    contract and attributes: ``backbone``, ``device``, ``precision``, ``runtime`` (what the space's
+    lineage records), ``min_cosine`` (validated against eager fp32; None here) and ``notes``.
+    """
+
+    min_cosine: float | None = None
 
     def __init__(self, backbone: Backbone, device: str = "auto", precision: str = "auto"):
         self.backbone = backbone
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
+        self.notes: list[str] = []  # what the runtime choice wants the run summary to say
         if self.device.type == "cpu":
             tune_allocator()
         self.model = backbone.model.to(self.device, memory_format=torch.channels_last).eval()
         cfg = backbone.data_config
         self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1) * 255
+
+    @property
+    def runtime(self) -> str:
+        """``"torch 2.4.1 bf16"``: the runtime, its version and the precision it computes in."""
+        return f"torch {torch.__version__.split('+')[0]} {self.precision}"
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> np.ndarray:

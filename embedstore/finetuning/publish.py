@@ -24,9 +24,10 @@ from ..backbones.load import load_backbone, weights_checksum
 from ..data.collection import MAX_FILE_BYTES
 from ..data.reader import ImageItem
 from ..embedding.embedder import Embedder
+from ..embedding.runtimes import load_embedder
 from ..errors import FinetuneError
 from ..pipeline.plan import plan
-from ..pipeline.worker import embed_batches
+from ..pipeline.worker import embed_batches, runtime_attrs
 from ..store import Store, StoreWriter
 
 REEMBED_ROWS = 65536  # store rows listed, planned and embedded at a time
@@ -85,9 +86,11 @@ def publish(run: Run, net: T.Network, state: dict[str, Any], summary: dict[str, 
     if existing is not None and existing.attrs.get("weights_sha256") != fine.weights_sha256:
         raise FinetuneError(f"{store_path} already has a space {out_space!r} from other weights: "
                             "pass another --out-space NAME")
-    embedder = Embedder(fine, device=cfg.device, precision=cfg.precision)
+    # training stays in torch; re-embedding may use an exported runtime (auto: validated, probed for large stores)
+    embedder = load_embedder(fine, "auto", cfg.device, cfg.precision, items=next(store_items(st, 64), []),
+                             images=st.n_images, batch_size=cfg.batch_size)
     attrs = {**fine.space_attrs(), "dtype": parent.attrs.get("dtype", "float16"), "precision": embedder.precision,
-             "device": embedder.device.type, "parent_space": parent.name,
+             "device": embedder.device.type, **runtime_attrs(embedder), "parent_space": parent.name,
              "parent_weights_sha256": parent.attrs.get("weights_sha256"),
              "created": existing.attrs.get("created") if existing else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "finetune": {**{k: v for k, v in run.settings.items() if k != "space"}, "checkpoint": str(weights.resolve()),
@@ -101,4 +104,5 @@ def publish(run: Run, net: T.Network, state: dict[str, Any], summary: dict[str, 
     counts = reembed(st, store_path, out_space, embedder, attrs, batch_size=cfg.batch_size, workers=run.workers,
                      progress=cfg.progress)
     return {"backbone_weights": str(weights.resolve()), "weights_sha256": fine.weights_sha256,
-            "checkpoint_sha256": checkpoint_sha, **counts}
+            "checkpoint_sha256": checkpoint_sha, "reembed_runtime": embedder.runtime,
+            "reembed_notes": list(embedder.notes), **counts}

@@ -37,7 +37,7 @@ from .shards import MAX_SHARDS, published_shards, shard_file, shard_of, work_fil
 from .summary import RunSummary, rate
 from .worker import run_items
 
-RUN_OPTIONS = ("batch_size", "device", "precision", "workers", "dtype")  # passed on to each shard run
+RUN_OPTIONS = ("batch_size", "device", "precision", "runtime", "workers", "dtype")  # passed on to each shard run
 KILL_ENV = "EMBEDSTORE_TEST_KILL_SHARD"  # fault injection for tests: "I:FLAGFILE[:PARTS]", see the module docstring
 
 
@@ -157,7 +157,7 @@ def embed_ray(
             actor as many torch threads.
         max_retries: restarts of a dead worker and retries of its shard.
         options: the other :func:`embedstore.pipeline.embed` options (batch_size, device, precision,
-            workers, dtype).
+            runtime, workers, dtype).
     A dead worker's shard resumes from its last published journal part; the merge applies each
     shard once, so no row is lost or duplicated.
     """
@@ -177,7 +177,8 @@ def embed_ray(
     stages: dict[str, float] = {}
     store = Path(store).absolute()
     space = validate_space_name(space or default_space_name(backbone, weights))
-    opts = {"batch_size": 64, "device": "auto", "precision": "auto", "workers": None, "dtype": "float16",
+    opts = {"batch_size": 64, "device": "auto", "precision": "auto", "runtime": "auto", "workers": None,
+            "dtype": "float16",
             **{k: v for k, v in options.items() if v is not None}, "space": space}
     root, items = discover(source)
     stages["discover"] = time.perf_counter() - t_start
@@ -260,6 +261,8 @@ def embed_ray(
         unchanged=sum(r["unchanged"] for r in ran), failed=failed,
         known_failures=sum(r["known_failures"] for r in ran), seconds=time.perf_counter() - t_start,
         images_per_s=rate(embedded + failed, stages["embed"] if ran else 0.0), stages=stages,
+        runtime=", ".join(dict.fromkeys(r["runtime"] for r in ran if r.get("runtime"))),
+        notes=tuple(dict.fromkeys(n for r in ran for n in r.get("notes", ()))),
         skipped_extra=sum(len(by_shard[i]) for i in range(n) if i not in pending),
         extra={
             "engine": "ray", "shards": n, "shards_run": len(results), "shards_skipped": n - len(pending),

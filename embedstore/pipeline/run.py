@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import DEFAULT_BACKBONE
 from ..backbones.registry import default_space_name
-from ..choices import ENGINES, STORE_DTYPES
+from ..choices import ENGINES, RUNTIMES, STORE_DTYPES
 from ..data.collection import MAX_FILE_BYTES, discover
 from ..errors import EmbedOptionError, ShardError
 from ..store import validate_space_name
@@ -38,6 +38,7 @@ def embed(
     batch_size: int = 64,
     device: str = "auto",
     precision: str = "auto",
+    runtime: str = "auto",
     workers: int | None = None,
     dtype: str = "float16",
     progress: bool = True,
@@ -61,7 +62,12 @@ def embed(
         space: name of the embedding space (default: derived from backbone and weights).
         batch_size: images per forward pass and per committed journal part.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
-        precision: ``auto`` (bf16 on CPUs that have it, fp16/bf16 on GPU), ``fp32``, ``bf16``, ``fp16``.
+        precision: ``auto`` (bf16 on CPUs that have it, fp16/bf16 on GPU), ``fp32``, ``bf16``, ``fp16``
+            (the torch runtime's; the exported runtimes run fp32).
+        runtime: ``auto``, ``torch``, ``onnxruntime`` or ``openvino`` (CPU): the rule of ``auto``, the
+            export cache and the validation against eager torch fp32 (cosine >= 0.999 per image, else
+            torch embeds, with a note in the summary) are in :mod:`embedstore.embedding.runtimes`.
+            A space takes the vectors of any runtime; its attributes list the runtimes used.
         workers: decode worker processes (default: derived from the device and cores).
         dtype: stored vector type, ``float16`` (default) or ``float32``.
         progress: show a progress bar on stderr.
@@ -76,6 +82,11 @@ def embed(
             default they are recorded as failures).
         max_bytes: files larger than this are recorded as failures without being read.
     """
+    if runtime not in RUNTIMES:
+        raise EmbedOptionError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r} (--runtime)")
+    if runtime in ("onnxruntime", "openvino") and precision in ("bf16", "fp16"):
+        raise EmbedOptionError(f"precision {precision!r} applies to the torch runtime; {runtime} runs fp32: "
+                               "leave --precision auto (or fp32), or use --runtime torch")
     if engine not in ENGINES:
         raise EmbedOptionError(f"engine must be one of {ENGINES}, not {engine!r} (--engine local or --engine ray)")
     if shard is not None:
@@ -97,8 +108,8 @@ def embed(
 
         return embed_ray(source, store, address=address, shards=shards, gpus_per_worker=gpus_per_worker,
                          cpus_per_worker=cpus_per_worker, backbone=backbone, weights=weights, space=space,
-                         batch_size=batch_size, device=device, precision=precision, workers=workers,
-                         dtype=dtype, progress=progress)
+                         batch_size=batch_size, device=device, precision=precision, runtime=runtime,
+                         workers=workers, dtype=dtype, progress=progress)
     if (address, shards, gpus_per_worker, cpus_per_worker) != (None, None, None, None):
         raise EmbedOptionError("address, shards, gpus_per_worker and cpus_per_worker need engine='ray' (--engine ray); "
                                "to run one shard here use shard=(i, n) (--shard I/N)")
@@ -108,5 +119,5 @@ def embed(
         root, items = discover(source, follow_symlinks)
     space = validate_space_name(space or default_space_name(backbone, weights))
     return run_items(store, root, items, backbone=backbone, weights=weights, space=space, batch_size=batch_size,
-                     device=device, precision=precision, workers=workers, dtype=dtype, progress=progress,
-                     max_bytes=max_bytes, shard=shard, stages=stages, t_start=t_start).to_dict()
+                     device=device, precision=precision, runtime=runtime, workers=workers, dtype=dtype,
+                     progress=progress, max_bytes=max_bytes, shard=shard, stages=stages, t_start=t_start).to_dict()

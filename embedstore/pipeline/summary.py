@@ -26,6 +26,8 @@ class RunSummary:
     known_failures: int = 0
     seconds: float = 0.0
     images_per_s: float = 0.0
+    runtime: str = ""  # "torch 2.4.1 bf16", "onnxruntime 1.18.0" (embedding.runtimes)
+    notes: tuple[str, ...] = ()  # what the run wants said: the runtime chosen by auto, a refused runtime
     stages: Mapping[str, float] = field(default_factory=dict)
     skipped_extra: int = 0  # skipped for another reason than a plan (a finished shard's images)
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -46,6 +48,7 @@ class RunSummary:
                 out["skipped"] = self.skipped
         out["seconds"] = round(self.seconds, 3)
         out["stages"] = {k: round(v, 3) for k, v in self.stages.items()}
+        out["notes"] = list(self.notes)
         return {**out, **extra}
 
 

@@ -30,7 +30,7 @@ from .._atomic import atomic_write_bytes, fsync_dir, temporary_beside
 from ..errors import StoreError
 from .format import (CATEGORICAL, COLUMN_CHUNK, FAILURE_COLUMNS, FORMAT, IDENTITY, IMAGE_COLUMNS, _STR_COLUMNS,
                      column_dtype, create_columns, create_space, decode_attrs, encode_categories, no_space_error, write_attrs)
-from .integrity import check_space_compatible
+from .integrity import check_space_compatible, merge_runtimes
 from .keys import KeyIndex, path_keys
 from .mainfile import StoreFile, read_rows
 from . import tallies
@@ -210,7 +210,9 @@ def apply_file(target: _Target, part: StoreFile, seq: int, chunk: int = COLUMN_C
         if g is None:
             g = create_space(spaces, name, sp.attrs, 0, dim, dtype, expected=len(sp))
         else:
-            check_space_compatible(decode_attrs(g.attrs), sp.attrs, name)
+            old = decode_attrs(g.attrs)
+            check_space_compatible(old, sp.attrs, name)
+            write_attrs(g.attrs, merge_runtimes(old, sp.attrs))  # another runtime's vectors join the space
         local = part.space_rows(sp)
         rows = mapping[local]
         index = target.positions(name)

@@ -119,10 +119,34 @@ def check_file(path: Path, attrs: dict[str, Any], images: dict[str, np.ndarray],
 
 
 def check_space_compatible(old: dict[str, Any], new: dict[str, Any], name: str) -> None:
-    """Refuse to mix vectors of different backbones or weights in one space."""
+    """Refuse to mix vectors of different backbones or weights in one space.
+
+    The inference runtime is not part of a space's identity (backbone, weights and preprocessing
+    are): ONNX Runtime's and OpenVINO's vectors agree with eager torch fp32 per image to a cosine of
+    0.999 or better (checked before a runtime is used, embedding.runtimes), so a space takes the
+    vectors of any runtime; :func:`merge_runtimes` keeps the list of runtimes used."""
     for key in ("backbone", "weights_sha256", "dim"):
         if old.get(key) != new.get(key):
             raise StoreError(
                 f"space {name!r} holds {key}={old.get(key)!r} but this run has {key}={new.get(key)!r}: "
                 "choose another space name with --space NAME"
             )
+
+
+def merge_runtimes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The attributes that change when ``new``'s vectors join a space with ``old``'s: ``runtimes`` (every
+    runtime that added vectors, in order) and ``runtime_min_cosine`` (the lowest validated); {} if none."""
+    if not new.get("runtime"):
+        return {}
+    have = list(old.get("runtimes") or ([old["runtime"]] if old.get("runtime") else []))
+    if not have and old.get("precision"):  # a space from before runtimes were recorded: eager torch
+        version = str((old.get("versions") or {}).get("torch", "")).split("+")[0]
+        have = [" ".join(p for p in ("torch", version, str(old["precision"])) if p)]
+    out: dict[str, Any] = {}
+    added = [r for r in (new.get("runtimes") or [new["runtime"]]) if r not in have]
+    if added:
+        out["runtimes"] = have + added
+    lows = [c for c in (old.get("runtime_min_cosine"), new.get("runtime_min_cosine")) if c is not None]
+    if lows and min(lows) != old.get("runtime_min_cosine"):
+        out["runtime_min_cosine"] = min(lows)
+    return out

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import StoreError
 from .format import (CATEGORICAL, FAILURE_COLUMNS, IDENTITY, IMAGE_COLUMNS, column_dtype, encode_categories,
                      journal_dir, list_parts)
-from .integrity import check_space_compatible
+from .integrity import check_space_compatible, merge_runtimes
 from .keys import KeyIndex, path_keys
 from . import tallies
 from .mainfile import StoreFile
@@ -108,6 +108,9 @@ class Store:
             for name, (attrs, local, vectors, _) in spaces.items():
                 if name in self._space_attrs:
                     check_space_compatible(self._space_attrs[name], attrs, name)
+                    more = merge_runtimes(self._space_attrs[name], attrs)  # as the fold will record them
+                    if more:
+                        self._space_attrs[name] = {**self._space_attrs[name], **more}
                 else:
                     self._space_attrs[name] = attrs
                 mapped = rows[local] if len(local) else np.empty(0, np.int64)
@@ -324,6 +327,7 @@ class Store:
                     "dtype": str(s.vectors.dtype),
                     "weights_sha256": s.attrs.get("weights_sha256"),
                     "created": s.attrs.get("created"),
+                    "runtimes": s.attrs.get("runtimes") or ([s.attrs["runtime"]] if s.attrs.get("runtime") else []),
                     "generation": s.generation,
                 }
                 for s in self.spaces.values()
