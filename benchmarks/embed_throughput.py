@@ -1,15 +1,28 @@
-"""Embedding throughput: the usual tutorial workflow vs `embedstore embed` vs the model alone.
+"""Embedding throughput: the tutorial loop, embedstore before and after, and each runtime's model alone.
 
-On the same files and backbone, in one run, each stage in its own process (clean peak RSS):
-  (a) baseline  torchvision ImageFolder + DataLoader(batch_size=32, num_workers=2) + the model in
-                fp32 under no_grad, features collected in a list (the transfer-learning tutorial);
-  (b) embedstore `embedstore.embed` into a fresh HDF5 store (defaults: precision auto, draft decode);
-  (c) ceiling   the model alone on synthetic tensors, in embedstore's configuration.
-Prints images/s (median of --repeats), the ratios b/a and b/c, peak RSS, and how well (b) agrees
-with the fp32 reference (a): median cosine, and a 5-fold linear-probe accuracy on each.
+On the same files and backbone, in one run, every stage in its own process, the stages of a repeat
+taking turns (so drift in the machine's load hits them alike):
 
-    python benchmarks/embed_throughput.py                      # imagenette val + hymenoptera
-    python benchmarks/embed_throughput.py --datasets hymenoptera --repeats 3
+  tutorial   torchvision-style Dataset + DataLoader(batch_size=32, num_workers=2) + the model in fp32
+             under no_grad (the transfer-learning tutorial's loop), features collected in a list;
+  today      ``embedstore.embed`` as it was before the runtimes and the new decoding (``--today``:
+             a git revision, run from a temporary worktree): eager torch, Pillow decoding;
+  model:*    the model alone on a batch of 64 of the set's own images, already decoded: eager torch
+             fp32 (channels-last), eager torch bf16 autocast (CPUs with AMX/AVX512-BF16), ONNX Runtime
+             and OpenVINO (the exported graph embedstore caches); cosine to eager fp32 on those images;
+  auto       ``embedstore.embed`` now, with its defaults (``runtime="auto"``, the new decoding).
+
+Prints images/s (median of --repeats), the ratios auto/today, auto/best model alone and
+auto/tutorial, the cosine of each path's vectors to the tutorial's fp32 ones, peak RSS, and the CPU
+(model name and its bf16/AVX flags). Sets: imagenette val (224 px JPEGs), hymenoptera (~500 px
+photos), and ``--large DIR`` (``--make-large DIR`` writes one: hymenoptera photos upscaled to
+3000 px on the long side with Pillow's LANCZOS, JPEG quality 90 -- upscaled, not real large photos).
+
+    python benchmarks/embed_throughput.py --limit 1000 --repeats 3 --make-large /tmp/large
+    python benchmarks/embed_throughput.py --datasets hymenoptera --repeats 1 --stages tutorial,auto
+
+Crash safety: scratch files in a temporary folder; the result JSON is written at the end (earlier
+results in it are kept under ``earlier``, each with the CPU it came from).
 """
 from __future__ import annotations
 
@@ -18,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,12 +44,27 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
 SETS = {"imagenette": "imagenette/val", "hymenoptera": "hymenoptera"}
+TODAY = "928da25"  # the last commit before issue 19: eager torch, Pillow decoding
+MODELS = ("torch-fp32", "torch-bf16", "onnxruntime", "openvino")
 
 
 def peak_rss_mb() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return round(max(own, kids) / 1024, 1)
+
+
+def cpu() -> dict:
+    """The CPU as lscpu names it, and the flags that decide the runtime."""
+    out = {"model": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0))}
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        out["model"] = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Model name"))
+        flags = next(ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("Flags"))
+        out["flags"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    return out
 
 
 def file_list(folder: Path, limit: int | None) -> list[str]:
@@ -46,8 +75,27 @@ def file_list(folder: Path, limit: int | None) -> list[str]:
     return [it.path for it in items]
 
 
-def stage_baseline(files: list[str], backbone: str, out: str) -> dict:
-    """The tutorial: ImageFolder-style dataset, DataLoader(32, 2 workers), fp32 model, no_grad."""
+def make_large(src: Path, dst: Path, n: int = 60, side: int = 3000) -> Path:
+    """Hymenoptera photos upscaled (LANCZOS) to ``side`` px on the long side, JPEG q90: big files to decode."""
+    from PIL import Image
+
+    photos = sorted(p for p in src.rglob("*.jpg"))[:: max(1, len(list(src.rglob("*.jpg"))) // n)][:n]
+    for p in photos:
+        out = dst / p.parent.name / p.name
+        if out.exists():
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            scale = side / max(im.size)
+            im.resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS).save(out, quality=90)
+    return dst
+
+
+# --------------------------------------------------------------------------- stages (one process each)
+
+
+def stage_tutorial(files: list[str], backbone: str, out: str, option: str) -> dict:
     import torch
     from PIL import Image
     from timm.data import create_transform
@@ -75,130 +123,213 @@ def stage_baseline(files: list[str], backbone: str, out: str) -> dict:
     return {"images": len(files), "seconds": seconds}
 
 
-def stage_embedstore(files: list[str], backbone: str, out: str) -> dict:
+def stage_embed(files: list[str], backbone: str, out: str, option: str) -> dict:
+    """``embedstore.embed`` with its defaults, from whatever code is first on sys.path (today's or now)."""
     import embedstore
 
     with tempfile.TemporaryDirectory() as tmp:
         listing = Path(tmp) / "files.csv"
         listing.write_text("\n".join(files))
-        summary = embedstore.embed(listing, Path(tmp) / "bench.h5", backbone=backbone, progress=False)
+        device = os.environ.get("EMBEDSTORE_BENCH_DEVICE", "auto")
+        summary = embedstore.embed(listing, Path(tmp) / "bench.h5", backbone=backbone, progress=False, device=device)
         sp = embedstore.open_store(Path(tmp) / "bench.h5").space()
         order = {p: i for i, p in enumerate(sp.paths)}
         np.save(out, sp.vectors[[order[f] for f in files]].astype(np.float32))
     return {"images": summary["embedded"], "seconds": summary["stages"]["embed"], "wall": summary["seconds"],
-            "precision": summary["precision"]}
+            "precision": summary["precision"], "runtime": summary.get("runtime", "torch (before runtimes)"),
+            "notes": summary.get("notes", []), "code": str(Path(embedstore.__file__).parent)}
 
 
-def stage_ceiling(files: list[str], backbone: str, out: str) -> dict:
+def stage_model(files: list[str], backbone: str, out: str, option: str) -> dict:
+    """One runtime alone on 64 of the set's images, decoded beforehand by the reference path."""
     import torch
+    from PIL import Image
 
     from embedstore import load_backbone
-    from embedstore.embedding import Embedder
+    from embedstore.embedding.embedder import Embedder
 
-    embedder = Embedder(load_backbone(backbone))
-    size = embedder.backbone.data_config["input_size"][1:]
-    batch = torch.randint(0, 255, (64, 3, *size), dtype=torch.uint8)
-    embedder(batch)  # warm-up
-    n = max(256, min(len(files), 1024))
-    t0 = time.perf_counter()
-    for _ in range(n // 64):
-        embedder(batch)
-    return {"images": n // 64 * 64, "seconds": time.perf_counter() - t0, "precision": embedder.precision}
+    bb = load_backbone(backbone)
+    transform = bb.eval_transform()
+    batch = torch.stack([torch.as_tensor(np.asarray(transform(Image.open(f).convert("RGB")))) for f in files[:64]])
+    if option.startswith("torch-"):
+        emb = Embedder(bb, device=os.environ.get("EMBEDSTORE_BENCH_DEVICE", "cpu"), precision=option.split("-")[1])
+    else:
+        from embedstore.embedding.onnx import SessionEmbedder
+        from embedstore.embedding.runtimes import validate
+
+        emb = SessionEmbedder(bb, option)
+        validate(emb, batch[:8])
+    vectors = emb(batch)  # warm-up (the embedder returns numpy: a GPU run is synchronised by the copy)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        emb(batch)
+        times.append(time.perf_counter() - t0)
+    np.save(out, vectors)
+    return {"images": len(batch), "seconds": statistics.median(times), "runtime": getattr(emb, "runtime", option)}
 
 
-STAGES = {"baseline": stage_baseline, "embedstore": stage_embedstore, "ceiling": stage_ceiling}
+STAGES = {"tutorial": stage_tutorial, "today": stage_embed, "model": stage_model, "auto": stage_embed}
 
 
-def run_stage(stage: str, files_json: str, backbone: str, out: str) -> dict:
+def run_stage(stage: str, files_json: str, backbone: str, out: str, option: str = "",
+              code: Path | None = None) -> dict:
+    env = dict(os.environ)
+    if code is not None:  # today's code first on the path
+        env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, __file__, "--stage", stage, "--files", files_json, "--backbone", backbone, "--out", out],
-        capture_output=True, text=True, check=False,
-    )
+        [sys.executable, __file__, "--stage", stage, "--files", files_json, "--backbone", backbone, "--out", out,
+         "--option", option], capture_output=True, text=True, check=False, env=env,
+        cwd=str(code) if code is not None else None)
     if proc.returncode:
-        raise RuntimeError(f"stage {stage} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"stage {stage} {option} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def linear_probe(X: np.ndarray, labels: list[str]) -> float:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+def today_worktree(rev: str, where: Path) -> Path:
+    """A detached worktree of ``rev`` with ``embedstore_cli`` beside ``embedstore`` (as the install names it)."""
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), rev], check=True,
+                   capture_output=True)
+    (where / "embedstore_cli").symlink_to(where / "cli")
+    return where
 
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1))
-    return float(cross_val_score(clf, X, labels, cv=StratifiedKFold(5, shuffle=True, random_state=0)).mean())
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> float:
+    from embedstore._vectors import median_cosine
+
+    return round(float(median_cosine(a, b)), 5)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA, help="folder holding the data sets")
     ap.add_argument("--datasets", default="imagenette,hymenoptera")
+    ap.add_argument("--large", type=Path, help="a folder of large photos, measured as the set 'large'")
+    ap.add_argument("--make-large", type=Path, help="write upscaled hymenoptera photos here first (and use them)")
     ap.add_argument("--limit", type=int, default=None, help="use at most this many files per set (evenly spaced)")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stages", default="tutorial,today,model,auto")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the model stages and `embed` run")
+    ap.add_argument("--today", default=TODAY, help="git revision of 'today' (the path before this change)")
     ap.add_argument("--json-out", type=Path, default=ROOT / "benchmarks" / "results" / "embed_throughput.json")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--files", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--option", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.stage:
         files = json.loads(Path(args.files).read_text())
-        result = STAGES[args.stage](files, args.backbone, args.out)
+        result = STAGES[args.stage](files, args.backbone, args.out, args.option)
         result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
 
-    import embedstore
-    from embedstore._vectors import median_cosine
+    from embedstore.embedding.embedder import cpu_has_bf16
 
+    stages = args.stages.split(",")
+    os.environ["EMBEDSTORE_BENCH_DEVICE"] = args.device
+    if args.device == "cpu":
+        models = [m for m in MODELS if m != "torch-bf16" or cpu_has_bf16()]
+    else:  # the exported runtimes run on the CPU: on a GPU the model stages are torch's precisions
+        models = ["torch-fp32", "torch-fp16", "torch-bf16"]
+    sets = {name: args.data / SETS[name] for name in args.datasets.split(",") if name}
+    if args.make_large:
+        sets["large"] = make_large(args.data / "hymenoptera", args.make_large)
+    elif args.large:
+        sets["large"] = args.large
     rows = []
-    for name in args.datasets.split(","):
-        folder = args.data / SETS[name]
-        if not folder.is_dir():
-            print(f"skip {name}: {folder} is absent", file=sys.stderr)
-            continue
-        files = file_list(folder, args.limit)
-        labels = [Path(f).parent.name for f in files]
-        with tempfile.TemporaryDirectory() as tmp:
-            files_json = Path(tmp) / "files.json"
-            files_json.write_text(json.dumps(files))
-            runs: dict[str, list[dict]] = {s: [] for s in STAGES}
-            for r in range(args.repeats):
-                for stage in STAGES:  # interleaved, so drift in machine load hits every stage alike
-                    runs[stage].append(run_stage(stage, str(files_json), args.backbone, f"{tmp}/{stage}.npy"))
-                    print(f"{name} repeat {r + 1} {stage}: {runs[stage][-1]}", file=sys.stderr)
-            vec_a, vec_b = np.load(f"{tmp}/baseline.npy"), np.load(f"{tmp}/embedstore.npy")
-        ips = {s: statistics.median(x["images"] / x["seconds"] for x in runs[s]) for s in STAGES}
-        rows.append({
-            "dataset": name,
-            "images": len(files),
-            "baseline_ips": round(ips["baseline"], 1),
-            "embedstore_ips": round(ips["embedstore"], 1),
-            "ceiling_ips": round(ips["ceiling"], 1),
-            "b_over_a": round(ips["embedstore"] / ips["baseline"], 2),
-            "b_over_c": round(ips["embedstore"] / ips["ceiling"], 2),
-            "embedstore_wall_s": round(statistics.median(x["wall"] for x in runs["embedstore"]), 1),
-            "peak_rss_mb": {s: max(x["peak_rss_mb"] for x in runs[s]) for s in STAGES},
-            "precision": runs["embedstore"][0]["precision"],
-            "median_cosine_vs_fp32": round(median_cosine(vec_a, vec_b), 4),
-            "probe_acc_fp32": round(linear_probe(vec_a, labels), 4),
-            "probe_acc_embedstore": round(linear_probe(vec_b, labels), 4),
-            "repeats": args.repeats,
-        })
+    with tempfile.TemporaryDirectory() as scratch:
+        # a fresh runtime cache: the first auto run of the first set pays the export, validation and probe
+        # (reported as auto_first_run_wall_s), as on a new machine; later runs reuse them, as a user's do
+        os.environ.setdefault("EMBEDSTORE_CACHE", str(Path(scratch) / "cache"))
+        code = today_worktree(args.today, Path(scratch) / "today") if "today" in stages else None
+        try:
+            for name, folder in sets.items():
+                if not folder.is_dir():
+                    print(f"skip {name}: {folder} is absent", file=sys.stderr)
+                    continue
+                rows.append(measure_set(name, folder, args, stages, models, code, Path(scratch)))
+        finally:
+            if code is not None:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(code)], check=False)
+    report(rows, args)
 
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor(),
-               "embedstore": embedstore.__version__}
-    header = ["dataset", "images", "baseline img/s", "embedstore img/s", "ceiling img/s", "b/a", "b/c",
-              "cos vs fp32", "probe fp32", "probe embedstore", "RSS MB a/b/c"]
-    table = [[r["dataset"], r["images"], r["baseline_ips"], r["embedstore_ips"], r["ceiling_ips"], r["b_over_a"],
-              r["b_over_c"], r["median_cosine_vs_fp32"], r["probe_acc_fp32"], r["probe_acc_embedstore"],
-              "/".join(str(r["peak_rss_mb"][s]) for s in STAGES)] for r in rows]
+
+def measure_set(name: str, folder: Path, args: argparse.Namespace, stages: list[str], models: list[str],
+                code: Path | None, scratch: Path) -> dict:
+    files = file_list(folder, args.limit)
+    tmp = scratch / name
+    tmp.mkdir()
+    files_json = tmp / "files.json"
+    files_json.write_text(json.dumps(files))
+    plan = [(s, "") for s in stages if s != "model"] + ([("model", m) for m in models] if "model" in stages else [])
+    runs: dict[str, list[dict]] = {f"{s}:{o}" if o else s: [] for s, o in plan}
+    for r in range(args.repeats):
+        for stage, option in plan:  # interleaved
+            key = f"{stage}:{option}" if option else stage
+            runs[key].append(run_stage(stage, str(files_json), args.backbone, str(tmp / f"{key}.npy"), option,
+                                       code if stage == "today" else None))
+            print(f"{name} repeat {r + 1} {key}: {runs[key][-1]}", file=sys.stderr, flush=True)
+    ips = {k: round(statistics.median(x["images"] / x["seconds"] for x in v), 1) for k, v in runs.items()}
+    row: dict = {"dataset": name, "images": len(files), "img_per_s": ips,
+                 "peak_rss_mb": {k: max(x["peak_rss_mb"] for x in v) for k, v in runs.items()},
+                 "repeats": args.repeats}
+    if "auto" in runs:
+        row["auto_runtime"] = runs["auto"][-1]["runtime"]
+        row["auto_notes"] = runs["auto"][-1]["notes"]
+        row["auto_first_run_wall_s"] = round(runs["auto"][0]["wall"], 1)
+        row["auto_wall_s"] = round(statistics.median(x["wall"] for x in runs["auto"]), 1)
+    model_keys = [k for k in ips if k.startswith("model:")]
+    ratios = {}
+    if "auto" in ips:
+        if "today" in ips:
+            ratios["auto_over_today"] = round(ips["auto"] / ips["today"], 2)
+        if "tutorial" in ips:
+            ratios["auto_over_tutorial"] = round(ips["auto"] / ips["tutorial"], 2)
+        if model_keys:
+            best = max(model_keys, key=ips.get)
+            ratios["auto_over_best_model"] = round(ips["auto"] / ips[best], 2)
+            ratios["best_model"] = best.split(":", 1)[1]
+    row["ratios"] = ratios
+    cos = {}
+    ref = tmp / "tutorial.npy"
+    for k in ("today", "auto"):
+        if ref.exists() and (tmp / f"{k}.npy").exists():
+            cos[f"{k}_vs_tutorial_fp32"] = cosine_rows(np.load(ref), np.load(tmp / f"{k}.npy"))
+    fp32 = tmp / "model:torch-fp32.npy"
+    for k in model_keys:
+        if fp32.exists():
+            a, b = np.load(fp32), np.load(tmp / f"{k}.npy")
+            cos[f"{k.split(':', 1)[1]}_vs_torch_fp32_min"] = round(float(
+                ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min()), 6)
+    row["cosine"] = cos
+    return row
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> None:
+    import embedstore
+
+    keys = sorted({k for r in rows for k in r["img_per_s"]}, key=lambda k: ("tutorial", "today", "auto").index(k)
+                  if k in ("tutorial", "today", "auto") else 3)
+    header = ["set", "images", *keys, "auto/today", "auto/best model", "auto/tutorial", "auto runtime"]
+    table = [[r["dataset"], r["images"], *[r["img_per_s"].get(k, "") for k in keys],
+              r["ratios"].get("auto_over_today", ""), r["ratios"].get("auto_over_best_model", ""),
+              r["ratios"].get("auto_over_tutorial", ""), r.get("auto_runtime", "")] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
     for line in [header, ["-" * w for w in widths], *table]:
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)))
+    previous = json.loads(args.json_out.read_text()) if args.json_out.exists() else {}
+    earlier = previous.get("earlier", [])
+    if "results" in previous:
+        earlier.append({"machine": previous.get("machine"), "results": previous["results"]})
+    machine = {"cpu": cpu(), "platform": platform.platform(), "embedstore": embedstore.__version__,
+               "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
+    args.json_out.write_text(json.dumps({"machine": machine, "git_head": git.stdout.strip(), "today": args.today,
+                                         "results": rows, "earlier": earlier}, indent=2) + "\n")
     print(f"\nwrote {args.json_out}")
 
 
