@@ -1,6 +1,6 @@
-"""The CLI's error policy (one ``Error: ...`` line for a user's mistake, a traceback for a bug) and its
-JSON output (``emit_json``), used by every command module, and the slow helpers of ``main``'s
-commands, imported only when used.
+"""The CLI's error policy (one ``Error: ...`` line for a user's mistake, a traceback for a bug), its
+JSON output (``emit_json``) and size options (``size_option``), used by the command modules, and the
+slow helpers of ``main``'s commands, imported only when used.
 
 Crash safety: writes nothing.
 """
@@ -31,6 +31,16 @@ def user_error(e: BaseException) -> bool:
         return True
     return isinstance(e, PATH_ERRORS) or (isinstance(e, OSError) and (
         e.filename is not None or e.errno in ENVIRONMENT_ERRNOS))
+
+
+def size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """Click callback: a size such as ``8G`` or ``20M`` (``--memory``, ``--max-upload``) as bytes."""
+    from embedstore.utils import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def emit_json(obj: Any) -> None:

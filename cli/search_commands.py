@@ -11,22 +11,13 @@ import click
 
 from embedstore.choices import DUPLICATES_THRESHOLD
 from embedstore.choices import INDEX_KINDS as KINDS
-from embedstore.utils import parse_size
-from embedstore_cli.friendly import emit_json, friendly
+from embedstore_cli.friendly import emit_json, friendly, size_option
 
 
 def _table(rows: list[list[Any]], header: list[str], indent: str = "  ") -> str:
     cells = [header] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
-
-
-def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    """A ``--memory`` size such as ``8G`` as bytes."""
-    try:
-        return parse_size(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
 
 
 def _notes(notes: list[str]) -> None:
@@ -39,7 +30,7 @@ def _notes(notes: list[str]) -> None:
 @click.option("--space", help="Embedding space (default: the store's first frozen space).")
 @click.option("--kind", default="auto", show_default=True,
               help=f"{'|'.join(KINDS)}, or a faiss factory string such as 'IVF256,SQ8'.")
-@click.option("--memory", default="4G", show_default=True, callback=_size,
+@click.option("--memory", default="4G", show_default=True, callback=size_option,
               help="Memory budget of the whole build process, e.g. 2G or 8G: what it holds already + the "
                    "index + the training sample + one chunk (auto and ivf-pq pick an index that fits).")
 @click.option("--target-recall", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True),

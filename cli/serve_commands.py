@@ -10,8 +10,7 @@ from pathlib import Path
 
 import click
 
-from embedstore.utils import parse_size
-from embedstore_cli.friendly import friendly
+from embedstore_cli.friendly import friendly, size_option
 
 
 def _heads(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Path]:
@@ -27,13 +26,6 @@ def _heads(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) 
             raise click.BadParameter(f"two heads are named {name!r}: name them with NAME=DIR")
         out[name] = Path(folder)
     return out
-
-
-def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    try:
-        return parse_size(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
 
 
 def _loopback(host: str) -> bool:
@@ -73,7 +65,7 @@ def listen(host: str, port: int) -> socket.socket:
 @click.option("--head", "heads", multiple=True, callback=_heads, metavar="NAME=DIR",
               help="A saved head (classify --save-head DIR) to answer /api/predict with (repeatable).")
 @click.option("--device", default="auto", show_default=True, help="Where query images and texts are embedded.")
-@click.option("--max-upload", default="20M", show_default=True, callback=_size,
+@click.option("--max-upload", default="20M", show_default=True, callback=size_option,
               help="Largest image upload (and request body) accepted; bigger ones get 413.")
 @click.option("--max-k", default=1000, show_default=True, type=click.IntRange(1),
               help="Most hits one query may ask for (k + offset).")
