@@ -301,9 +301,10 @@ def measure_set(name: str, folder: Path, args: argparse.Namespace, stages: list[
     fp32 = tmp / "model:torch-fp32.npy"
     for k in model_keys:
         if fp32.exists():
-            a, b = np.load(fp32), np.load(tmp / f"{k}.npy")
-            cos[f"{k.split(':', 1)[1]}_vs_torch_fp32_min"] = round(float(
-                ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min()), 6)
+            from embedstore._vectors import cosines
+
+            low = cosines(np.load(fp32), np.load(tmp / f"{k}.npy")).min()
+            cos[f"{k.split(':', 1)[1]}_vs_torch_fp32_min"] = round(float(low), 6)
     row["cosine"] = cos
     return row
 

@@ -18,6 +18,12 @@ def l2_normalize(vectors: Any, dtype: type = np.float32) -> np.ndarray:
     return x
 
 
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of matching rows (NaN rows stay NaN, so they fail any threshold)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
 def median_cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Median cosine similarity between matching rows of two matrices."""
-    return float(np.median((l2_normalize(a, np.float64) * l2_normalize(b, np.float64)).sum(1)))
+    return float(np.median(cosines(a, b)))

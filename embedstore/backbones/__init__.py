@@ -7,10 +7,11 @@ Crash safety: this stage only reads (weights files, timm's cache); it writes not
 from __future__ import annotations
 
 from .._lazy import lazy_exports
-from .registry import RANDOM, REGISTRY, RegistryEntry, default_space_name, has_text_tower, list_backbones, offline_names
+from .registry import (RANDOM, REGISTRY, RegistryEntry, default_space_name, has_backbone, has_text_tower, list_backbones,
+                       offline_names)
 
 _LOAD = ("Backbone", "load_backbone", "load_space_backbone", "weights_checksum", "weights_arg")
 __getattr__, __dir__ = lazy_exports(__name__, {name: ".load" for name in _LOAD})
 
-__all__ = ["RANDOM", "REGISTRY", "RegistryEntry", "default_space_name", "has_text_tower", "list_backbones",
+__all__ = ["RANDOM", "REGISTRY", "RegistryEntry", "default_space_name", "has_backbone", "has_text_tower", "list_backbones",
            "offline_names", *_LOAD]

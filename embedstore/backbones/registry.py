@@ -54,9 +54,15 @@ def default_space_name(name: str, weights: str | None) -> str:
     return f"{base}-{os.path.splitext(os.path.basename(weights))[0]}"
 
 
+def has_backbone(attrs: dict[str, Any]) -> bool:
+    """True when a backbone made a space's vectors (its attributes), so new images can be embedded into
+    it; False for vectors imported from elsewhere (``embedstore import``)."""
+    return "imported_from" not in attrs
+
+
 def has_text_tower(attrs: dict[str, Any]) -> bool:
     """True when a space (its attributes) was embedded by a backbone that also encodes text (``open_clip:``)."""
-    return bool(attrs.get("text_tower")) and "imported_from" not in attrs
+    return bool(attrs.get("text_tower")) and has_backbone(attrs)
 
 
 def offline_names() -> list[str]:

@@ -38,6 +38,7 @@ import torch
 
 from .._atomic import atomic_write_text
 from .._hashing import sha256_bytes
+from .._vectors import cosines
 from ..backbones.load import Backbone
 from ..choices import RUNTIMES
 from ..data.collection import MAX_FILE_BYTES, ImageItem
@@ -53,12 +54,6 @@ PROBE_ROUNDS = 3  # timed batches per candidate, after one warm-up
 MIN_GAIN = 1.10  # an exported runtime must be this much faster than torch to be chosen
 
 AnyEmbedder = Union[Embedder, SessionEmbedder]
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity (NaN rows stay NaN, so they fail any threshold)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
 class _Capture:

@@ -32,7 +32,7 @@ import json
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -104,6 +104,8 @@ class LoadedIndex:
     rows: np.ndarray  # indexed store rows
     versions: np.ndarray  # the version (Space.versions) of each indexed row's vector when it was added
     files: IndexFiles
+    # positions of a space this index lacks, for one store generation (see unindexed_positions)
+    unindexed: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def k_factor(self) -> int:
@@ -133,15 +135,16 @@ def unindexed_positions(st: Store, sp: Space, loaded: LoadedIndex) -> np.ndarray
     if index_is_current(st, sp, loaded):
         return np.empty(0, np.int64)
     key = (st.uuid, sp.name, sp.generation, len(sp))
-    cache = loaded.__dict__.setdefault("_unindexed", {})
-    if key not in cache:
-        order = np.argsort(loaded.rows, kind="stable")
-        rows = loaded.rows[order]
-        at = np.minimum(np.searchsorted(rows, sp.rows), max(0, len(rows) - 1))
-        same = (rows[at] == sp.rows) & (loaded.versions[order][at] == sp.versions) if len(rows) else False
-        cache.clear()  # one generation at a time
-        cache[key] = np.flatnonzero(~np.asarray(same, bool) | np.zeros(len(sp), bool)).astype(np.int64)
-    return cache[key]
+    if key not in loaded.unindexed:
+        same = np.zeros(len(sp), bool)  # an index of no rows holds none of them
+        if len(loaded.rows):
+            order = np.argsort(loaded.rows, kind="stable")
+            rows = loaded.rows[order]
+            at = np.minimum(np.searchsorted(rows, sp.rows), len(rows) - 1)
+            same = (rows[at] == sp.rows) & (loaded.versions[order][at] == sp.versions)
+        loaded.unindexed.clear()  # one generation at a time
+        loaded.unindexed[key] = np.flatnonzero(~same).astype(np.int64)
+    return loaded.unindexed[key]
 
 
 def _fix(store: str | os.PathLike, space: str) -> str:

@@ -21,6 +21,7 @@ import faiss
 import numpy as np
 
 from .._vectors import l2_normalize
+from ..backbones.registry import has_backbone
 from ..errors import NotFoundError, QueryError, SidecarError
 from ..index.files import LoadedIndex, index_is_current, load_built_index, unindexed_positions
 from ..index.rerank import search_index
@@ -42,7 +43,7 @@ def embed_images(space: Space, images: Sequence[str], device: str = "auto",
 
     Raises ``BackboneError`` when this machine's weights differ from the ones that built the space.
     """
-    _check_has_backbone(space)
+    check_has_backbone(space)
     from ..backbones.load import load_space_backbone  # torch and timm: only image queries need them
     from ..data.collection import ImageItem
     from ..embedding.embedder import Embedder, embed_items
@@ -56,9 +57,9 @@ def embed_images(space: Space, images: Sequence[str], device: str = "auto",
     return l2_normalize(np.nan_to_num(vectors, nan=0.0)), errors
 
 
-def _check_has_backbone(space: Space) -> None:
+def check_has_backbone(space: Space) -> None:
     """QueryError for a space of imported vectors: no backbone of this store made them."""
-    if "imported_from" in space.attrs:
+    if not has_backbone(space.attrs):
         raise QueryError(f"space {space.name!r} holds vectors imported from {space.attrs['imported_from']}: "
                          "there is no backbone to embed query images with; query it by stored row (--row), "
                          "stored path (--path) or vectors of the same model (search(..., vectors=...))")
@@ -285,7 +286,7 @@ def _queries(st: Store, sp: Space, images: Sequence[str] | None, rows: Sequence[
     if images is not None:
         from ..data.collection import expand_images  # PIL: only image queries need it
 
-        _check_has_backbone(sp)
+        check_has_backbone(sp)
         files = [it.path for it in expand_images(images, what="query image")]
         q, errors = embed_images(sp, files, device=device)
         return q, [{"query": f, "error": e} if e else {"query": f} for f, e in zip(files, errors)]

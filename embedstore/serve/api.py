@@ -17,11 +17,11 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 
 from .._hashing import hash_bytes
-from ..backbones.registry import has_text_tower
+from ..backbones.registry import has_backbone, has_text_tower
 from ..errors import NotFoundError, QueryError, UploadTooLargeError
-from ..search.query import row_positions, search
-from ..search.rows import rows_with_hashes, stored_rows
-from .media import Thumbnails, row_image
+from ..search.query import path_rows, row_positions, search
+from ..search.rows import rows_with_hashes
+from .media import Thumbnails, check_row, row_image
 from .models import PredictRequest, PredictResponse, QueryRequest, SearchRequest, SearchResponse, Where
 from .state import ServedStore
 
@@ -50,9 +50,9 @@ def _vectors(req: QueryRequest, dim: int) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(q).all(axis=1))
     if len(bad):
         raise QueryError(f"vector {int(bad[0])} has NaN or infinite values: give finite numbers")
-    if not np.abs(q).sum(axis=1).all():
-        raise QueryError(f"vector {int(np.flatnonzero(~np.abs(q).sum(axis=1).astype(bool))[0])} is all zeros: "
-                         "it has no direction to compare by cosine")
+    zero = np.flatnonzero(~q.any(axis=1))
+    if len(zero):
+        raise QueryError(f"vector {int(zero[0])} is all zeros: it has no direction to compare by cosine")
     return q.astype(np.float32)
 
 
@@ -147,7 +147,7 @@ def _predict(srv: ServedStore, head_name: str, top_k: int, X: np.ndarray, names:
 def _head(srv: ServedStore, name: str) -> Any:
     if name not in srv.heads:
         raise NotFoundError(f"no head {name!r} on this server: it has {', '.join(srv.heads) or 'none'} "
-                         "(start it with --head NAME=DIR)")
+                            "(start it with --head NAME=DIR)")
     return srv.heads[name]
 
 
@@ -164,10 +164,7 @@ def predict_json(req: PredictRequest, request: Request) -> dict[str, Any]:
     if req.vectors is not None:
         X, names = _vectors(req, sp.dim), [f"vector {i}" for i in range(len(req.vectors))]
     else:
-        rows = req.rows if req.rows is not None else [int(r) for r in stored_rows(st, req.paths or [])]
-        for p, r in zip(req.paths or [], rows):
-            if r < 0:
-                raise NotFoundError(f"{p} is not in {st.path}: give a path as stored (relative to {st.root})")
+        rows = req.rows if req.rows is not None else path_rows(st, req.paths or [])
         X = np.asarray(sp.vectors[row_positions(sp, rows)], np.float32)
         names = list(req.paths) if req.paths is not None else [f"row {r}" for r in rows]
     return _predict(srv, req.head, req.top_k, X, names)
@@ -193,7 +190,7 @@ def info(request: Request) -> dict[str, Any]:
     out = st.summary()
     for s in out["spaces"]:
         sp, idx = st.space(s["name"]), indexes.get(s["name"])
-        s["image_queries"] = "imported_from" not in sp.attrs
+        s["image_queries"] = has_backbone(sp.attrs)
         s["text_queries"] = has_text_tower(sp.attrs)
         s["index"] = None if idx is None else {key: idx.info.get(key) for key in ("kind", "factory", "rows",
                                                                                   "recall_at_10", "params")}
@@ -204,15 +201,14 @@ def info(request: Request) -> dict[str, Any]:
     out["limits"] = {"max_upload_bytes": o.max_upload_bytes, "max_k": o.max_k, "max_queries": o.max_queries}
     out["backbones"] = [{"backbone": m.backbone.name, "device": str(m.embedder.device), "images": m.batcher.items,
                          "batches": m.batcher.batches} for m in srv.loaded_models()]
-    out["events"] = srv.events[-10:]
+    out["events"] = list(srv.events)[-10:]
     return out
 
 
 @router.get("/rows/{row}", summary="One row's path, label and split")
 def row_info(row: int, request: Request) -> dict[str, Any]:
     st, _ = served(request).snapshot()
-    if not 0 <= row < st.n_images:
-        raise NotFoundError(f"row {row} is not in {st.path}: rows are 0 to {st.n_images - 1}")
+    check_row(st, row)
     rows = np.array([row], np.int64)
     return {"row": row, **{c: str(st.image_column(c, rows)[0]) for c in ("path", "label", "split")}}
 

@@ -1,8 +1,9 @@
 """Query images and texts embedded by a server: decoding uploads safely, and batching concurrent
 queries into one forward pass of the space's backbone.
 
-An upload is decoded and preprocessed in the request's own thread (Pillow and timm's transform,
-with the store's limits: byte cap, decompression-bomb check, truncated files refused). The
+An upload is decoded and preprocessed in the request's own thread by the collection reader's
+``data.decode.Decoder`` (so a stored file gets its stored pixels; decompression bombs and truncated
+files are refused). The
 tensors then go to one ``MicroBatcher`` per backbone: a thread that takes the first query
 waiting and every other query already queued behind it (up to ``max_batch``), runs them as one
 batch, and hands each request its row. An idle server adds no wait to a lone query; under load,
@@ -20,15 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .._vectors import l2_normalize
-from ..errors import QueryError, UploadError
-from ..store import Space
-
-
-def check_embeddable(sp: Space) -> None:
-    """QueryError for a space whose vectors no backbone of this store made (imported vectors)."""
-    if "imported_from" in sp.attrs:
-        raise QueryError(f"space {sp.name!r} holds vectors imported from {sp.attrs['imported_from']}: there is no "
-                         "backbone to embed a query image or text with; query it by row, path or vector")
+from ..errors import UploadError
 
 
 class MicroBatcher:

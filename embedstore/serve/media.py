@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..data.collection import MAX_FILE_BYTES as MAX_IMAGE_BYTES  # the collection reader's cap on one file
 from ..errors import MediaError
 from ..store import Store
-
-MAX_IMAGE_BYTES = 256 << 20  # the collection reader's cap on one image file
 
 
 @dataclass(frozen=True)
@@ -41,8 +40,7 @@ class RowImage:
 
 def row_image(st: Store, row: int) -> RowImage:
     """The image of store row ``row``; MediaError (404 or 403) naming why it cannot be sent."""
-    if not 0 <= row < st.n_images:
-        raise MediaError(f"row {row} is not in {st.path}: rows are 0 to {st.n_images - 1}")
+    check_row(st, row)
     rows = np.array([row], np.int64)
     stored = str(st.image_column("path", rows)[0])
     digest = str(st.image_column("hash", rows)[0])
@@ -62,6 +60,12 @@ def row_image(st: Store, row: int) -> RowImage:
     if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_IMAGE_BYTES:
         raise MediaError(f"row {row}'s image {real} is not a regular image file under {MAX_IMAGE_BYTES >> 20} MiB", 403)
     return RowImage(row, stored, real, digest)
+
+
+def check_row(st: Store, row: int) -> None:
+    """MediaError (404) unless ``row`` is a row of the store's images table."""
+    if not 0 <= row < st.n_images:
+        raise MediaError(f"row {row} is not in {st.path}: rows are 0 to {st.n_images - 1}")
 
 
 class Thumbnails:

@@ -19,10 +19,12 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..backbones.registry import has_backbone
 from ..errors import EmbedstoreError, NotFoundError, QueryError
 from ..index.files import LoadedIndex, index_files, index_is_current, load_built_index
 from ..store import Space, Store, open_store
@@ -74,7 +76,7 @@ class ServedStore:
         # only add lock and GIL hand-offs (1M-row store, re-ranked index, 4 threads: 37 queries/s together,
         # 55 taking turns). Decoding and embedding uploads happen outside it, beside the search of others.
         self.read_lock = threading.Lock()
-        self.events: list[dict[str, Any]] = []  # what the watcher did, newest last (shown by /api/info)
+        self.events: deque[dict[str, Any]] = deque(maxlen=50)  # what the watcher did, newest last (/api/info)
         self._signature = _signature(self.path)
         self.store: Store = open_store(self.path)
         self.indexes: dict[str, LoadedIndex | None] = {}
@@ -113,7 +115,7 @@ class ServedStore:
 
     def _preload(self) -> None:
         st, sp, _ = self.space(None) if self.store.spaces else (None, None, None)
-        if sp is None or "imported_from" in sp.attrs:
+        if sp is None or not has_backbone(sp.attrs):
             return
         try:
             self.model(sp)
@@ -123,7 +125,7 @@ class ServedStore:
 
     def _event(self, what: str, **info: Any) -> None:
         log.info("%s %s", what, info)
-        self.events = (self.events + [{"time": round(time.time(), 3), "event": what, **info}])[-50:]
+        self.events.append({"time": round(time.time(), 3), "event": what, **info})
 
     # ----------------------------------------------------------------------- reading
 
@@ -142,9 +144,10 @@ class ServedStore:
 
     def model(self, sp: Space) -> Any:
         """The loaded backbone of a space (loaded once per weights checksum, on first use)."""
-        from .embed import QueryModel, check_embeddable
+        from ..search.query import check_has_backbone
+        from .embed import QueryModel
 
-        check_embeddable(sp)
+        check_has_backbone(sp)
         key = str(sp.attrs.get("weights_sha256"))
         with self._model_lock:
             if key not in self._models:
