@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from embedstore_cli.friendly import emit_json, friendly
+from embedstore_cli.friendly import emit_json, friendly, workers_option
 
 
 @click.command()
@@ -33,7 +33,8 @@ from embedstore_cli.friendly import emit_json, friendly
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="auto: bf16 autocast on AMX/AVX512-BF16 CPUs, bf16/fp16 on GPU.")
-@click.option("--workers", default=None, type=click.IntRange(0), help="Decode worker processes. Default: from cores.")
+@click.option("--workers", default="auto", show_default=True, callback=workers_option, metavar="auto|N",
+              help="Decode worker processes for training (0: in this process). auto: 1 when there are 2+ cores.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of data order, augmentation and held-out part.")
 @click.option("--out-space", default=None, help="Name of the new space. Default: <space>-ft.")
 @click.option("--restart", is_flag=True, help="Ignore an existing checkpoint and train from the start.")

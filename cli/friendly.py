@@ -43,6 +43,19 @@ def size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
         raise click.BadParameter(str(e)) from None
 
 
+def workers_option(ctx: click.Context, param: click.Parameter, value: str | int | None) -> int | None:
+    """Click callback: ``--workers auto`` (None: the library sizes them) or a count of processes, 0 or more."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        n = int(str(value))
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise click.BadParameter(f"{value!r} is neither auto nor a count of processes (0 or more)")
+    return n
+
+
 def emit_json(obj: Any) -> None:
     """Print ``obj`` as indented JSON (what every ``--json`` option prints); non-JSON values as text."""
     click.echo(json.dumps(obj, indent=2, default=str))

@@ -13,7 +13,7 @@ import click
 
 import embedstore
 from embedstore.choices import ENGINES, MAX_SHARDS, PRECISIONS, RUNTIMES, STORE_DTYPES
-from embedstore_cli.friendly import emit_json, friendly
+from embedstore_cli.friendly import emit_json, friendly, workers_option
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -101,7 +101,10 @@ def backbones(as_json: bool, check: bool) -> None:
                    "time torch against the installed runtimes on a few batches and keep the fastest (a runtime "
                    "must win by 10%), remembered per machine and backbone; smaller runs use torch unless a "
                    "probe is on record. One space takes vectors of any runtime.")
-@click.option("--workers", default=None, type=click.IntRange(0), help="Decode worker processes. Default: from device and cores.")
+@click.option("--workers", default="auto", show_default=True, callback=workers_option, metavar="auto|N",
+              help="Decode worker processes (0: decode in this process). auto: on a GPU every core but one; on "
+                   "a CPU with more than 2 cores, the cost of decoding and of the model is measured on the first "
+                   "images and the cores shared in that ratio (the summary notes it); on 1-2 cores, 1.")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(STORE_DTYPES),
               help="Stored vector type.")
 @click.option("--engine", default="local", show_default=True, type=click.Choice(ENGINES),
@@ -267,8 +270,8 @@ def _register_commands() -> None:
         importlib.import_module(f"embedstore_cli.{module}").register(main)
 
 
-COMMAND_MODULES = ("search_commands", "classify_commands", "finetune_commands", "scale_commands", "report_commands",
-                   "import_commands", "serve_commands")
+COMMAND_MODULES = ("search_commands", "classify_commands", "curation_commands", "finetune_commands", "scale_commands",
+                   "report_commands", "import_commands", "serve_commands")
 _register_commands()
 
 if __name__ == "__main__":  # pragma: no cover

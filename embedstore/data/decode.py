@@ -33,7 +33,7 @@ import inspect
 import io
 import warnings
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -44,7 +44,8 @@ from ..errors import EmbedOptionError
 # Refuse decompression bombs by pixel count (Pillow's limit), before any pixel is decoded.
 MAX_PIXELS = 89_478_485
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-DECODERS = ("auto", "pillow", "torchvision")
+DECODERS = ("auto", "pillow", "torchvision", "device")
+EXIF_ORIENTATION = 0x0112
 # "auto" leaves a JPEG to Pillow when its draft mode would decode it at 1/2 scale or less (measured).
 PILLOW_DRAFT_SCALE = 2
 
@@ -99,6 +100,14 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+class Encoded(NamedTuple):
+    """A JPEG checked but left encoded for the device (``decoder="device"``, :mod:`.device_decode`):
+    its bytes (uint8, CPU) and its EXIF orientation (1-8)."""
+
+    data: torch.Tensor
+    orientation: int
+
+
 class Decoder:
     """Bytes to the transform's uint8 CHW pixels, choosing per file between torchvision and Pillow.
 
@@ -109,7 +118,9 @@ class Decoder:
       uint8 tensor (:func:`tensor_transform`), or on the Pillow image where it cannot be replayed;
     * ``"pillow"``: the reference, Pillow and the transform itself, for every file;
     * ``"torchvision"``: every 8-bit colour JPEG through torchvision at full size (no draft mode),
-      the rest as in ``"auto"`` (for benchmarks; refused for a transform that is not replayed).
+      the rest as in ``"auto"`` (for benchmarks; refused for a transform that is not replayed);
+    * ``"device"``: every 8-bit colour JPEG comes back :class:`Encoded`, to be decoded in a batch on
+      the model's device (:mod:`.device_decode`); the rest as in ``"auto"``.
 
     Pillow's header is read first in every mode (decompression-bomb check); a file torchvision
     refuses goes to Pillow, which decodes it or raises exactly what the reference raises.
@@ -120,14 +131,18 @@ class Decoder:
             raise EmbedOptionError(f"decoder={decoder!r} is not one of {', '.join(map(repr, DECODERS))}")
         self.transform, self.min_size, self.decoder = transform, min_size, decoder
         self.tensor_transform = None if decoder == "pillow" else tensor_transform(transform)
-        if decoder == "torchvision" and (self.tensor_transform is None or _decode_jpeg is None):
+        if decoder in ("torchvision", "device") and (self.tensor_transform is None or _decode_jpeg is None):
             raise EmbedOptionError(
-                f"decoder='torchvision' needs torchvision.io.decode_jpeg and a transform it can replay on tensors, "
+                f"decoder={decoder!r} needs torchvision.io.decode_jpeg and a transform it can replay on tensors, "
                 f"not {transform!r}: use decoder='auto' (Pillow for what torchvision cannot do) or 'pillow'")
 
-    def __call__(self, data: bytes) -> torch.Tensor:
-        """The uint8 CHW pixels of one file; raises what the reference raises on a bad file."""
+    def __call__(self, data: bytes) -> torch.Tensor | Encoded:
+        """The uint8 CHW pixels of one file (or, for ``"device"``, a JPEG :class:`Encoded`); raises what the
+        reference raises on a bad file."""
         im = open_image(data)
+        if self.decoder == "device" and self._takes(im):
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+            return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), int(orientation))
         if self.tensor_transform is None:
             pixels = self.transform(_pillow_rgb(im, self.min_size))
             return pixels if isinstance(pixels, torch.Tensor) else torch.as_tensor(np.asarray(pixels))
@@ -140,7 +155,7 @@ class Decoder:
         """Whether torchvision decodes this file (from header facts: format, mode, bits, size)."""
         if _decode_jpeg is None or im.format not in ("JPEG", "MPO") or im.mode != "RGB" or getattr(im, "bits", 8) != 8:
             return False
-        if not _EXIF_ORIENTATION and "exif" in im.info:
+        if not _EXIF_ORIENTATION and "exif" in im.info and self.decoder != "device":
             return False
         if self.decoder == "auto" and self.min_size and im.format == "JPEG":  # draft mode: JPEG only, not MPO
             return min(im.width // self.min_size, im.height // self.min_size) < PILLOW_DRAFT_SCALE
@@ -274,8 +289,8 @@ def _center_crop_or_pad(x: torch.Tensor, size: tuple[int, int], fill: Any) -> to
     ch, cw = size
     c, h, w = x.shape
     if cw > w or ch > h:
-        out = torch.empty((c, max(h, ch), max(w, cw)), dtype=x.dtype)
-        out[:] = torch.as_tensor(fill, dtype=x.dtype).reshape(-1, 1, 1)
+        out = torch.empty((c, max(h, ch), max(w, cw)), dtype=x.dtype, device=x.device)
+        out[:] = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
         top, left = max(ch - h, 0) // 2, max(cw - w, 0) // 2
         out[:, top:top + h, left:left + w] = x
         x, h, w = out, out.shape[1], out.shape[2]

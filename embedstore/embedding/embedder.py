@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -75,12 +75,51 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers(device: torch.device) -> int:
-    """Decode workers: on a GPU, every core; on a CPU, leave most cores to the model."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Decode workers without a measurement: on a GPU, every core but one; on a CPU, a quarter of them."""
+    cores = cpu_cores()
     if device.type == "cuda":
         return max(1, min(cores - 1, 16))
     return max(1, cores // 4) if cores > 2 else 1
+
+
+def size_workers(cores: int, decode_s: float, model_core_s: float) -> int:
+    """Decode processes for ``cores`` when one image costs ``decode_s`` core-seconds to read and decode and
+    ``model_core_s`` core-seconds of inference: the cores shared in that ratio, so the decoders keep the
+    queue full while the model's threads keep the rest busy (at least 1, at most ``cores - 1``)."""
+    share = cores * decode_s / max(decode_s + model_core_s, 1e-9)
+    return int(min(max(1, round(share)), max(1, cores - 1)))
+
+
+def auto_workers(items: Sequence[ImageItem], embedder: Any, reader: ImageReader, sample: int = 8) -> tuple[int, str]:
+    """``--workers auto``: (decode processes, why). On a CPU with more than 2 cores, the cost of both stages
+    is measured on the first ``sample`` images in this process (read and decode; one forward pass of
+    them, times the model's threads) and the cores are shared by :func:`size_workers`, with a note
+    saying so. On a GPU, or when the sample decodes nothing, :func:`default_workers`; on 1-2 cores,
+    1 (decoding overlaps inference, and the model's threads keep both cores)."""
+    import time
+
+    cores = cpu_cores()
+    if embedder.device.type == "cuda" or cores <= 2:  # the rule, unmeasured: no note
+        return default_workers(embedder.device), ""
+    t0 = time.perf_counter()
+    done = [r.pixels for r in (reader[i] for i in range(min(sample, len(items)))) if isinstance(r.pixels, torch.Tensor)]
+    decode_s = (time.perf_counter() - t0) / max(1, min(sample, len(items)))
+    if not done:
+        n = default_workers(embedder.device)
+        return n, ""
+    t0 = time.perf_counter()
+    embedder(torch.stack(done))
+    threads = int(getattr(embedder, "threads", 0) or torch.get_num_threads())
+    model_core_s = (time.perf_counter() - t0) / len(done) * threads
+    n = size_workers(cores, decode_s, model_core_s)
+    return n, (f"workers auto: {n} decode process(es) for {cores} cores (measured per image: decode "
+               f"{decode_s * 1e3:.1f} ms, model {model_core_s * 1e3:.1f} core-ms on {threads} threads)")
 
 
 class Embedder:
@@ -125,27 +164,40 @@ def iter_embeddings(
     batch_size: int = 64,
     workers: int | None = None,
     max_bytes: int = MAX_FILE_BYTES,
+    decoder: str = "auto",
 ) -> Iterator[tuple[list[ReadResult], np.ndarray]]:
     """Yield (results, vectors) per batch: vectors has one row per result without an error.
 
     Files over ``max_bytes`` (and anything but regular files) come back as failed results.
+    ``workers``: decode worker processes (None: :func:`auto_workers`, noted in ``embedder.notes``). ``decoder``: see
+    :class:`embedstore.data.decode.Decoder`; ``"auto"`` decodes JPEGs on the device, batched
+    (:mod:`embedstore.data.device_decode`), when that is a CUDA GPU, and in the workers otherwise.
     """
     if not items:
         return
-    workers = default_workers(embedder.device) if workers is None else workers
+    from ..data.device_decode import collate_encoded, finish_batch, use_device_decode
+
+    if decoder == "auto" and use_device_decode(embedder.device):
+        decoder = "device"
     reader = ImageReader(items, embedder.backbone.eval_transform(), draft_size(embedder.backbone.data_config),
-                         max_bytes)
+                         max_bytes, decoder=decoder)
+    if workers is None:
+        workers, why = auto_workers(items, embedder, reader)
+        embedder.notes.extend([why] if why else [])
+    on_device = reader.decode.decoder == "device"
     loader = torch.utils.data.DataLoader(
         reader,
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=collate,
-        pin_memory=embedder.device.type == "cuda",
+        collate_fn=collate_encoded if on_device else collate,
+        pin_memory=embedder.device.type == "cuda" and not on_device,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
     dim = embedder.backbone.dim
     for results, batch in loader:
+        if on_device:  # JPEGs still encoded: decoded here, on the device, as one batch
+            batch = finish_batch(results, batch, reader.decode, embedder.device)
         vectors = embedder(batch) if batch is not None else np.empty((0, dim), np.float32)
         yield results, vectors
 

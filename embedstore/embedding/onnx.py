@@ -249,7 +249,8 @@ class SessionEmbedder:
         self.device, self.precision = torch.device("cpu"), "fp32"
         self.entry = CacheEntry(backbone, runtime, root)
         self.runtime = self.entry.label
-        self.session, self.meta = open_session(self.entry, backbone, threads or torch.get_num_threads())
+        self.threads = threads or torch.get_num_threads()
+        self.session, self.meta = open_session(self.entry, backbone, self.threads)
         self.min_cosine: float | None = None  # set by the validation (runtimes.validate)
         self.notes: list[str] = []
 

@@ -68,7 +68,8 @@ def embed(
             export cache and the validation against eager torch fp32 (cosine >= 0.999 per image, else
             torch embeds, with a note in the summary) are in :mod:`embedstore.embedding.runtimes`.
             A space takes the vectors of any runtime; its attributes list the runtimes used.
-        workers: decode worker processes (default: derived from the device and cores).
+        workers: decode worker processes; None (the default, the CLI's ``auto``): sized to the cores from
+            the measured cost of decoding and of the model (:func:`embedstore.embedding.embedder.auto_workers`).
         dtype: stored vector type, ``float16`` (default) or ``float32``.
         progress: show a progress bar on stderr.
         shard: ``(i, n)``: embed only shard i of n (a stable hash of each relative path picks its

@@ -3,15 +3,19 @@
 Used by :func:`embedstore.pipeline.embed` (this process, whole store or one shard) and by the
 Ray engine's worker actors (one shard each, with a backbone loaded once per actor).
 
-Crash safety: every batch is published as a durable journal part by ``StoreWriter.commit``
-before the next is read; the journal is folded into the store (and a shard's work file published
-by one rename) only at the end, so a run killed at any point resumes with nothing lost or duplicated.
+Crash safety: every batch is published as a durable journal part by ``StoreWriter.commit``, in
+order, on a committer thread (the journal's writes and fsyncs overlap the next batches' inference; at
+most ``COMMITS_AHEAD`` batches wait; a run that fails commits what it had embedded, then raises). The
+journal is folded into the store (and a shard's work file published by one rename) only at the end,
+so a run killed at any point resumes with nothing lost or duplicated.
 """
 from __future__ import annotations
 
 import os
 import sys
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Sequence
 
 from tqdm import tqdm
@@ -22,6 +26,8 @@ from ..utils import timed
 from .plan import plan, rebase_onto
 from .shards import ShardJob, prepare_shard
 from .summary import RunSummary, rate
+
+COMMITS_AHEAD = 2  # batches whose journal part is being written while the next ones are embedded
 
 if TYPE_CHECKING:
     from ..backbones.load import Backbone
@@ -42,6 +48,8 @@ def embed_batches(todo: Sequence[ImageItem], embedder: Embedder, writer: StoreWr
     own = bar is None
     if own:
         bar = tqdm(total=len(todo), unit="img", desc=f"embed {space}", disable=not progress, file=sys.stderr)
+    pending: deque[Future] = deque()  # commits in flight, oldest first: at most COMMITS_AHEAD
+    committer = ThreadPoolExecutor(1, thread_name_prefix="embedstore-commit")
     try:
         for results, vectors in iter_embeddings(todo, embedder, batch_size, workers, max_bytes):
             batch = Batch()
@@ -57,12 +65,21 @@ def embed_batches(todo: Sequence[ImageItem], embedder: Embedder, writer: StoreWr
                                     size=r.size, hash=r.hash, mtime=r.mtime)
                     k += 1
                     embedded += 1
-            writer.commit(batch, space, attrs)
-            bar.update(len(results))
+            while len(pending) >= COMMITS_AHEAD:
+                pending.popleft().result()  # a failed commit raises here, before more is embedded
+            pending.append(committer.submit(_commit, writer, batch, space, attrs, bar, len(results)))
+        while pending:
+            pending.popleft().result()
     finally:
+        committer.shutdown(wait=True)  # batches already embedded are committed even when the loop failed
         if own:
             bar.close()
     return embedded, failed
+
+
+def _commit(writer: StoreWriter, batch: Batch, space: str, attrs: dict[str, Any], bar: Any, n: int) -> None:
+    writer.commit(batch, space, attrs)
+    bar.update(n)
 
 
 def run_items(store: str | os.PathLike, root: str, items: Sequence[ImageItem], *, backbone: str,
@@ -110,7 +127,7 @@ def run_items(store: str | os.PathLike, root: str, items: Sequence[ImageItem], *
                 embedder = load_embedder(bb, runtime, device, precision, items=todo, images=len(todo),
                                          batch_size=batch_size, max_bytes=max_bytes)
             weights_source, device_type, used_precision = bb.weights, embedder.device.type, embedder.precision
-            used_runtime, notes = embedder.runtime, tuple(embedder.notes)
+            used_runtime = embedder.runtime
             attrs = {**bb.space_attrs(), "dtype": dtype, "precision": used_precision, "device": device_type,
                      **runtime_attrs(embedder)}
             if prev is not None:
@@ -121,6 +138,7 @@ def run_items(store: str | os.PathLike, root: str, items: Sequence[ImageItem], *
             with timed(stages, "embed"):
                 embedded, failed = embed_batches(todo, embedder, writer, space, attrs, batch_size=batch_size,
                                                  workers=workers, max_bytes=max_bytes, progress=progress)
+            notes = tuple(embedder.notes)  # the runtime's choice, and how the decode workers were sized
         else:  # nothing to do: no backbone loaded (its weights need not even be present), torch not imported
             recorded = prev.attrs if prev is not None else {}
             weights_source = str(recorded.get("weights", weights or ""))
