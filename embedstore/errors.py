@@ -123,6 +123,11 @@ class ImportFormatError(EmbedstoreError, ValueError):
     as given; the message names the file or value and the fix."""
 
 
+class ExportError(EmbedstoreError, ValueError):
+    """A space cannot be exported as asked (an output folder that holds parts already, a part size); the
+    message names the folder or value and the fix."""
+
+
 class ServeError(QueryError):
     """A request a search server refuses; ``status`` is the HTTP status it answers with."""
 

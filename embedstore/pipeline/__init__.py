@@ -9,7 +9,8 @@ from .run import embed
 from .plan import plan
 from .merge import merge
 from .importer import add_vectors, import_vectors
+from .exporter import export_vectors
 from .ray_runner import embed_ray
 from .shards import parse_shard, shard_of, select_shard, shard_file, shards_dir, published_shards, unfinished_shards
 
-__all__ = ['embed', 'plan', 'merge', 'add_vectors', 'import_vectors', 'embed_ray', 'parse_shard', 'shard_of', 'select_shard', 'shard_file', 'shards_dir', 'published_shards', 'unfinished_shards']
+__all__ = ['embed', 'plan', 'merge', 'add_vectors', 'import_vectors', 'export_vectors', 'embed_ray', 'parse_shard', 'shard_of', 'select_shard', 'shard_file', 'shards_dir', 'published_shards', 'unfinished_shards']

@@ -16,11 +16,11 @@ The new space's lineage (its attributes) says the vectors were imported and from
 (the folder, absolute, or the ``source`` given), ``dim``, ``dtype`` and ``weights_sha256=None``.
 One space holds one source: importing into a space with other lineage is refused.
 
-Paths are stored as given, relative to the store root (``root``; default: the import folder, or
-the current directory for arrays). When the store exists already with another root, relative paths
-are re-expressed against its root, as ``embed`` does, so both spaces share image rows. An image the
-store has already keeps its file record (size, hash, mtime: its vectors in other spaces stay valid)
-and its label / split wherever the import gives none.
+Paths are stored as given, relative to the store root (``root``; default: the root an ``embedstore export``
+recorded in the folder's ``embedstore.json``, else the import folder; the current directory for arrays).
+When the store exists already with another root, relative paths are re-expressed against its root, as
+``embed`` does, so both spaces share image rows. An image the store has already keeps its file record
+(size, hash, mtime: its vectors in other spaces stay valid) and its label / split wherever the import gives none.
 
 Crash safety: every chunk is one durable journal part (``StoreWriter.commit_arrays``) before the
 next is read; the journal is folded into the store only at the end. A run killed at any point
@@ -46,6 +46,7 @@ from ..choices import STORE_DTYPES
 from ..errors import ImportFormatError, StoreError
 from ..store import Store, StoreWriter, check_space_compatible, validate_space_name
 from ..store.integrity import vector_problems
+from .exporter import exported_root
 
 SOURCE_FORMAT = "clip-retrieval"
 ARRAYS_FORMAT = "arrays"
@@ -313,7 +314,8 @@ def import_vectors(store: str | os.PathLike, folder: str | os.PathLike, *, space
         store: the ``.h5`` file to create or extend.
         folder: clip-retrieval's output folder (``img_emb/img_emb_<i>.npy``, ``metadata/metadata_<i>.parquet``).
         space: name of the new space; a rerun into the same space from the same folder resumes.
-        root: the store root the ``image_path`` values are relative to (default: ``folder``).
+        root: the store root the ``image_path`` values are relative to (default: the root ``folder/embedstore.json``
+            records, for an ``embedstore export``, else ``folder``).
         dtype: stored vector type, ``float16`` (default) or ``float32``; an existing space keeps its own.
         progress: show a progress bar on stderr.
         chunk_rows: rows per committed journal part (and per parquet batch read).
@@ -329,7 +331,7 @@ def import_vectors(store: str | os.PathLike, folder: str | os.PathLike, *, space
         raise ImportFormatError(f"chunk_rows must be at least 1, not {chunk_rows} (--chunk-rows)")
     source = os.path.abspath(folder)
     parts = scan_folder(source)  # everything checked before the store is touched
-    root = os.path.abspath(root) if root is not None else source
+    root = os.path.abspath(root) if root is not None else (exported_root(source) or source)
     total = sum(p.rows for p in parts)
     attrs = lineage(parts[0].dim, dtype, SOURCE_FORMAT, source)
     with StoreWriter(store, root=root) as writer:

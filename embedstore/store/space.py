@@ -208,6 +208,19 @@ class Space:
     def splits(self) -> np.ndarray:
         return self.column("split")
 
+    def to_arrow(self, columns: Any = ("path", "label", "split", "vector"), positions: Any = None) -> Any:
+        """``columns`` at ``positions`` (all when None) as a ``pyarrow.Table``; ``vector`` is a fixed-size
+        list of the stored dtype over the array read (no float32 copy); no label/split is null."""
+        from .tables import space_table
+
+        return space_table(self, columns, None if positions is None else _positions(positions, len(self)))
+
+    def to_pandas(self, columns: Any = ("path", "label", "split", "vector"), positions: Any = None) -> Any:
+        """:meth:`to_arrow` as a pandas DataFrame (pandas must be installed)."""
+        from .tables import space_frame
+
+        return space_frame(self, columns, None if positions is None else _positions(positions, len(self)))
+
     def take(self, positions: Any) -> "Space":
         """An in-memory subset of this space (vectors read) at ``positions``, in that order."""
         pos = _positions(positions, len(self))
