@@ -34,11 +34,12 @@ def default_out(store: str) -> str:
               help="Cosine similarity at or above which images count as near-duplicates (as `duplicates`).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2 ** 32 - 1),
               help="Seed of the samples and of the 2-D map.")
+@click.option("--no-audit", is_flag=True, help="Leave out the Audit section (label issues, outliers, leaks).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object (with seconds per stage).")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @friendly
 def report(store: str, out: str | None, spaces: tuple[str, ...], max_points: int, queries: int, k: int, models: str,
-           threshold: float, seed: int, as_json: bool, quiet: bool) -> None:
+           threshold: float, seed: int, no_audit: bool, as_json: bool, quiet: bool) -> None:
     """Write one self-contained HTML page about STORE: open it in any browser, offline.
 
     \b
@@ -51,6 +52,8 @@ def report(store: str, out: str | None, spaces: tuple[str, ...], max_points: int
       near-duplicates groups of images above --threshold cosine similarity
       classifiers     heads compared on the cached vectors, and the best one's
                       confusion matrix (stores with 2 or more labels)
+      audit           label issues, outliers and leaks between splits of the first
+                      space, with thumbnails (`embedstore audit`; labelled stores)
       fine-tuning     frozen vs fine-tuned space, when `embedstore finetune` made one
     Thumbnails, plots and script are inline: nothing is fetched when the page opens.
     Big collections are sampled (--max-points, --queries) and the page says how.
@@ -71,7 +74,8 @@ def report(store: str, out: str | None, spaces: tuple[str, ...], max_points: int
     out = out or default_out(store)
     say = None if as_json or quiet else (lambda line: click.echo(line, err=True))
     summary = write_report(store, out, space=list(spaces) or None, max_points=max_points, queries=queries, k=k,
-                           models=heads, threshold=threshold, seed=seed, progress=say)
+                           models=heads, threshold=threshold, seed=seed, audit=not no_audit,
+                           progress=say)
     if as_json:
         emit_json(summary)
         return
@@ -83,6 +87,9 @@ def report(store: str, out: str | None, spaces: tuple[str, ...], max_points: int
     if summary["classifiers"]:
         best = summary["classifiers"]
         click.echo(f"  best head: {best['space']} / {best['model']} ({best['accuracy']:.4f} accuracy)")
+    if summary["audit"]:
+        a = summary["audit"]
+        click.echo(f"  audit: {a['label_issues']} label issue(s), {a['leaks']} leak pair(s) across splits")
     for note in summary["notes"]:
         click.echo(f"note: {note}", err=True)
 

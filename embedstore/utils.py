@@ -1,9 +1,11 @@
-"""Small shared helpers: human-readable sizes and stage timing (hashing: _hashing, vectors: _vectors).
+"""Small shared helpers: human-readable sizes, stage timing, the CPU cores free now (hashing: _hashing,
+vectors: _vectors).
 
 Crash safety: pure functions; nothing is written.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from contextlib import contextmanager
@@ -42,3 +44,14 @@ def timed(stages: dict[str, float], name: str) -> Iterator[None]:
     finally:
         stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
 
+
+def free_cores(most: int | None = 4) -> int:
+    """CPU cores not busy right now (at least 1, at most ``most``; None: no cap): BLAS and OpenMP
+    threads that spin on a loaded machine make scikit-learn's t-SNE and logistic regression many
+    times slower than one thread."""
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows)
+        return 1
+    free = int((os.cpu_count() or 1) - busy)
+    return max(1, free if most is None else min(most, free))

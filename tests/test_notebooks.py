@@ -21,14 +21,14 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
-EXPECTED = {"01_quickstart", "02_compare_backbones_and_heads", "03_finetune"}
+EXPECTED = {"01_quickstart", "02_compare_backbones_and_heads", "03_finetune", "04_curation"}
 
 
 def code_cells(path: Path) -> list[str]:
     return [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
 
 
-def test_the_three_notebooks_are_there() -> None:
+def test_the_notebooks_are_there() -> None:
     assert EXPECTED <= {p.stem for p in NOTEBOOKS}
 
 

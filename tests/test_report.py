@@ -112,7 +112,7 @@ def test_labelled_report_is_self_contained_and_complete(labelled: dict[str, Any]
     s, text, st = labelled["summary"], labelled["text"], open_store(labelled["store"])
     page = Page(text)
     frozen, tuned = "test_efficientnet-random", "test_efficientnet-random-ft"
-    assert s["sections"] == ["summary", "failures", "space-0", "space-1", "classifiers", "finetune"]
+    assert s["sections"] == ["summary", "failures", "space-0", "space-1", "classifiers", "audit", "finetune"]
     assert s["spaces"] == [frozen, tuned] and s["bytes"] == len(text.encode())
     assert set(s["seconds"]) >= {"projection", "thumbnails", "neighbours", "duplicates", "classifiers", "total"}
 

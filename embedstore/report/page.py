@@ -2,9 +2,10 @@
 
 Sections: the collection summary and its failures; per embedding space a 2-D map coloured by
 label (thumbnails on hover), nearest-neighbour galleries and near-duplicate groups; the
-classifier comparison with the best head's confusion matrix (labelled stores); frozen vs
-fine-tuned spaces side by side. Everything is inline (JPEG thumbnails as ``data:`` URIs, SVG,
-CSS, a little JS), so the file opens offline and can be mailed around. Large collections are
+classifier comparison with the best head's confusion matrix and the audit (label issues,
+outliers, leaks between splits: :mod:`.audit`) of labelled stores; frozen vs fine-tuned spaces
+side by side. Everything is inline (JPEG thumbnails as ``data:`` URIs, SVG, CSS, a little JS),
+so the file opens offline and can be mailed around. Large collections are
 sampled (seeded) and the page says how.
 
 The page is rendered from the package's Jinja2 template ``report/templates/report.html.j2`` with
@@ -29,17 +30,19 @@ from .._atomic import atomic_write_bytes
 from .._vectors import l2_normalize
 from ..choices import DUPLICATES_THRESHOLD
 from ..errors import EmbedstoreError, IndexFileError, ReportError
+from .audit import audit_data
 from .sections import MAX_FAILURES_SHOWN, failures_data, finetune_data, label_colors, space_data, summary_data
 from .thumbs import Thumbnails
 from ..store import Space, Store, open_store
-from ..utils import timed
+from ..utils import free_cores, timed
 
 PCA_BELOW = 25  # fewer points than this: PCA (t-SNE and UMAP need neighbourhoods)
 MAX_GROUPS_SHOWN = 12
 MAX_GROUP_MEMBERS = 8
 MAX_MATRIX_CLASSES = 40
 REPORT_MODELS = ("logreg", "knn")  # the heads compared by default: quick, and usually the best two
-STAGES = ("imports", "open_store", "summary", "projection", "thumbnails", "neighbours", "duplicates", "classifiers", "html")
+STAGES = ("imports", "open_store", "summary", "projection", "thumbnails", "neighbours", "duplicates", "classifiers",
+          "audit", "html")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -48,7 +51,7 @@ STAGES = ("imports", "open_store", "summary", "projection", "thumbnails", "neigh
 def write_report(store: str | os.PathLike | Store, out: str | os.PathLike, *,
                  space: str | Sequence[str] | None = None, max_points: int = 2000, queries: int = 8, k: int = 5,
                  models: Sequence[str] | None = REPORT_MODELS, threshold: float = DUPLICATES_THRESHOLD,
-                 thumb_px: int = 72,
+                 thumb_px: int = 72, audit: bool = True,
                  seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write a self-contained HTML report of a store to ``out``.
 
@@ -64,6 +67,8 @@ def write_report(store: str | os.PathLike | Store, out: str | os.PathLike, *,
         threshold: cosine similarity at or above which images count as near-duplicates (default: the
             ``duplicates`` default, :data:`embedstore.choices.DUPLICATES_THRESHOLD`).
         thumb_px: longest side of the JPEG thumbnails.
+        audit: add the Audit section (:func:`embedstore.curation.audit` of the first space: label issues,
+            outliers, leaks between splits at ``threshold``) when the store has labels.
         seed: seed of every sample and of the 2-D projection (0 to 2**32 - 1).
         progress: called with one line per finished stage (what it did and its seconds).
 
@@ -134,6 +139,11 @@ def write_report(store: str | os.PathLike | Store, out: str | os.PathLike, *,
     with stage("classifiers", f"classifier heads ({', '.join(heads) or 'none'})"):
         report = run_classify(st, spaces, heads, seed, notes)
         sections.append(section("classifiers", "classifiers", classifier_data(report, heads, notes)))
+    with stage("audit", "audit: label issues, outliers, leaks" if audit else "audit: not asked for"):
+        labelled = audit and bool(st.summary()["labels"])  # label counts kept in the store: no column read
+        audited = audit_data(st, spaces[0], thumbs, seed, threshold, notes) if labelled else None
+        if audited is not None:
+            sections.append(section("audit", "audit", audited))
     names = {sp.name for sp in spaces}
     pairs = [(st.spaces[sp.attrs["parent_space"]], sp) for sp in spaces if sp.attrs.get("parent_space") in names]
     if pairs:
@@ -149,6 +159,7 @@ def write_report(store: str | os.PathLike | Store, out: str | os.PathLike, *,
         "path": str(out), "bytes": size, "store": str(st.path), "spaces": [sp.name for sp in spaces],
         "sections": [s["id"] for s in sections], "sampled": sampled, "projection": projection,
         "duplicate_groups": groups, "neighbour_label_agreement": agreement,
+        "audit": None if audited is None else audited.get("counts"),
         "classifiers": None if report is None else {key: report.best[key] for key in ("space", "model", "accuracy")},
         "thumbnails": len(thumbs.uris), "missing_images": len(thumbs.missing),
         "changed_images": len(thumbs.changed), "notes": notes, "stages": seconds, "seconds": seconds,
@@ -195,16 +206,6 @@ def pick_queries(order: np.ndarray, st: Store, spaces: list[Space], n: int) -> l
         if len(picked) >= n:
             break
     return picked[:n]
-
-
-def free_cores() -> int:
-    """CPU cores not busy right now (at least 1, at most 4): OpenMP threads that spin on a loaded
-    machine make scikit-learn's t-SNE several times slower than one thread."""
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average (Windows)
-        return 1
-    return max(1, min(4, int((os.cpu_count() or 1) - busy)))
 
 
 def project(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str, str]:

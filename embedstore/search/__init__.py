@@ -12,6 +12,6 @@ from __future__ import annotations
 
 from .rows import parse_where, WHERE_KEYS
 from .query import search
-from .duplicates import duplicates, DUPLICATES_THRESHOLD
+from .duplicates import duplicates, knn_graph, DUPLICATES_THRESHOLD
 
-__all__ = ['parse_where', 'WHERE_KEYS', 'search', 'duplicates', 'DUPLICATES_THRESHOLD']
+__all__ = ["parse_where", "WHERE_KEYS", "search", "duplicates", "knn_graph", "DUPLICATES_THRESHOLD"]

@@ -70,12 +70,9 @@ def duplicates(store: str | os.PathLike | Store, *, threshold: float = DUPLICATE
     n = len(sp)
     if k >= n:
         notes.append(f"k={k}: the space holds {n} images, so each is compared with all {max(0, n - 1)} others")
-    kk = min(k + 1, n)
-    graph = _cache(st, sp, k, kk, batch, cache, notes)
-    info = {"folder": None if graph is None else str(graph.folder), "batches": -(-n // batch), "batch": batch,
-            "reused": 0, "computed": 0}
+    info, batches = knn_graph(st, sp, k, cache=cache, batch=batch, stages=stages, notes=notes)
     src_parts, dst_parts, sim_parts = [], [], []
-    for s, found, scores in _graph(st, sp, kk, graph, info, stages, notes):
+    for s, found, scores in batches:
         own = sp.rows[s][:, None]
         keep = (scores >= threshold) & (found >= 0) & (found != own)
         src_parts.append(np.broadcast_to(np.arange(s.start, s.stop)[:, None], keep.shape)[keep])
@@ -95,6 +92,26 @@ def duplicates(store: str | os.PathLike | Store, *, threshold: float = DUPLICATE
         "stages": {key: round(v, 4) for key, v in stages.items()},
         "knn_cache": info,
     }
+
+
+def knn_graph(st: Store, sp: Space, k: int, *, cache: bool = True, batch: int = BATCH,
+              stages: dict[str, float] | None = None,
+              notes: list[str] | None = None) -> tuple[dict[str, Any], Iterator[tuple[slice, np.ndarray, np.ndarray]]]:
+    """The space's k-NN graph as :func:`duplicates` builds and caches it: ``(info, batches)``.
+
+    Each batch is ``(positions, neighbours, scores)``: a slice of the space's positions, and for each
+    of them its ``min(k + 1, n)`` nearest store rows (-1 = none; the row itself usually among them)
+    and their cosine similarities, best first. ``info`` says where the graph is cached and how many
+    batches were reused or computed (filled in as the batches are read). Memory: one batch at a time.
+    """
+    stages = {} if stages is None else stages
+    notes = [] if notes is None else notes
+    n = len(sp)
+    kk = min(k + 1, n)
+    graph = _cache(st, sp, k, kk, batch, cache, notes)
+    info = {"folder": None if graph is None else str(graph.folder), "batches": -(-n // batch), "batch": batch,
+            "reused": 0, "computed": 0}
+    return info, _graph(st, sp, kk, graph, info, stages, notes)
 
 
 def _cache(st: Store, sp: Space, k: int, kk: int, batch: int, wanted: bool,
