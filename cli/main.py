@@ -122,6 +122,16 @@ def backbones(as_json: bool, check: bool) -> None:
               help="In a folder, embed what symlinks lead to outside it (default: recorded as failures).")
 @click.option("--max-file-size", default="256M", show_default=True, metavar="SIZE",
               help="Files larger than this are recorded as failures unread (bytes, or e.g. 64M, 1G).")
+@click.option("--path-column", default=None, metavar="NAME",
+              help="Table: the column of image paths or URLs (default: path, url, image, filepath, file, ...).")
+@click.option("--label-column", default=None, metavar="NAME", help="Table: the column of labels (default: label or class).")
+@click.option("--split-column", default=None, metavar="NAME", help="Table: the column of splits (default: split).")
+@click.option("--url-timeout", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              metavar="SECONDS", help="URL rows: the longest wait for each read of a download (10x for a whole one).")
+@click.option("--url-retries", default=2, show_default=True, type=click.IntRange(0),
+              help="URL rows: retries after a timeout, connection error or HTTP 5xx/429 (not after a 404).")
+@click.option("--url-concurrency", default=16, show_default=True, type=click.IntRange(1),
+              help="URL rows: downloads at a time in each decode worker.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly
@@ -129,21 +139,29 @@ def embed(path: str, store: str | None, backbone: str, weights: str | None, spac
           device: str, precision: str, runtime: str, workers: int | None, dtype: str, engine: str,
           address: str | None,
           shards: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None, shard: str | None,
-          follow_symlinks: bool, max_file_size: str, as_json: bool, quiet: bool) -> None:
-    """Embed the images under PATH (a folder or a CSV list) into an HDF5 store.
+          follow_symlinks: bool, max_file_size: str, path_column: str | None, label_column: str | None,
+          split_column: str | None, url_timeout: float, url_retries: int, url_concurrency: int, as_json: bool,
+          quiet: bool) -> None:
+    """Embed the images under PATH (a folder, tar shards or a table) into an HDF5 store.
 
     \b
     PATH layouts:
       folder/<class>/img.jpg                 labels from the folder names
       folder/<train|val|test>/<class>/img    labels and splits
-      list.csv                               path[,label[,split]] per row, or a header row
-                                             naming path|filepath|file|image|image_path,
-                                             label|class, split (URLs are not supported yet)
+      shard.tar, or folder/*.tar             webdataset shards, read without unpacking:
+                                             KEY.jpg + KEY.cls|KEY.json ("label")|KEY.txt
+      list.csv, list.parquet                 path[,label[,split]] per row, or a header row
+                                             naming path|url|image|filepath|file|image_path,
+                                             label|class, split (--path-column etc. for
+                                             others); paths, file://, http(s):// or fsspec
+                                             URLs (s3://, gs:// with s3fs, gcsfs installed)
     The store defaults to PATH's name beside it: photos/ -> photos.h5, list.csv -> list.h5.
-    Re-running embeds only new or changed files (and loads no model when nothing is new).
+    Re-running embeds only new or changed files (and loads no model when nothing is new);
+    URLs already embedded are not downloaded again.
     A killed run resumes where it stopped. Unreadable files, anything but a regular file,
-    files over --max-file-size and symlinks out of the folder are recorded as failures
-    (see `embedstore info --failures`) and the run goes on.
+    files over --max-file-size, symlinks out of the folder and failed downloads are recorded
+    as failures (see `embedstore info --failures`) and the run goes on; a rerun retries the
+    downloads that timed out or met a server error, not the 404s.
     Scale-out: --engine ray runs shards on a Ray cluster; --shard I/N runs one shard here.
     """
     from embedstore.pipeline import parse_shard
@@ -151,6 +169,8 @@ def embed(path: str, store: str | None, backbone: str, weights: str | None, spac
 
     max_bytes = parse_size(max_file_size)
     shard_pair = parse_shard(shard) if shard is not None else None
+    columns = {k: v for k, v in (("path", path_column), ("label", label_column), ("split", split_column)) if v}
+    fetch = embedstore.data.Fetch(timeout=url_timeout, retries=url_retries, concurrency=url_concurrency)
     chosen = store is None
     if chosen:
         store = default_store(path)
@@ -159,7 +179,7 @@ def embed(path: str, store: str | None, backbone: str, weights: str | None, spac
                                workers=workers, dtype=dtype, progress=not quiet, shard=shard_pair, engine=engine,
                                address=address, shards=shards, gpus_per_worker=gpus_per_worker,
                                cpus_per_worker=cpus_per_worker, follow_symlinks=follow_symlinks,
-                               max_bytes=max_bytes)
+                               max_bytes=max_bytes, columns=columns or None, fetch=fetch)
     if as_json:
         emit_json(summary)
         return

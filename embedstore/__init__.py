@@ -2,7 +2,7 @@
 
 The sub-packages follow the data flow::
 
-    data -> backbones -> embedding -> pipeline -> store -> index -> search -> heads -> finetuning -> report
+    data -> backbones -> embedding -> pipeline -> store -> index -> search -> heads -> curation -> finetuning -> report
                                                                       -> serve
 
 Every name below works after a plain ``import embedstore``; each is imported on first use, so
@@ -18,8 +18,8 @@ from .errors import BackboneError, CollectionError, EmbedstoreError, HeadError, 
 __version__ = "0.1.0"
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
-SUBPACKAGES = ("data", "backbones", "embedding", "pipeline", "store", "index", "search", "heads", "finetuning",
-               "report", "serve", "demo", "choices", "errors")
+SUBPACKAGES = ("data", "backbones", "embedding", "pipeline", "store", "index", "search", "heads", "curation",
+               "finetuning", "report", "serve", "demo", "choices", "errors")
 
 _LAZY = {  # public name -> the sub-package that defines it
     "discover": "data",
@@ -32,6 +32,7 @@ _LAZY = {  # public name -> the sub-package that defines it
     "merge": "pipeline",
     "add_vectors": "pipeline",
     "import_vectors": "pipeline",
+    "export_vectors": "pipeline",
     "Space": "store",
     "Store": "store",
     "open_store": "store",
@@ -46,6 +47,7 @@ _LAZY = {  # public name -> the sub-package that defines it
     "load_head": "heads",
     "save_head": "heads",
     "predict_images": "heads",
+    "audit": "curation",
     "finetune": "finetuning",
     "write_report": "report",
     "Client": "serve",

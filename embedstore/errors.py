@@ -99,6 +99,21 @@ class EmptyFileError(RefusedFileError):
     """A listed image file of 0 bytes (recorded as a failure; the run goes on)."""
 
 
+class DownloadError(RefusedFileError):
+    """A URL that could not be fetched for good (HTTP 404/403, a missing object): recorded as a failure,
+    not tried again by a rerun."""
+
+
+class TransientDownloadError(DownloadError):
+    """A URL that could not be fetched after retries (timeout, connection error, HTTP 5xx/429, a
+    response cut short): recorded as a failure, tried again by the next run."""
+
+
+class TarShardError(RefusedFileError):
+    """A tar shard or one of its members the reader refuses (compressed, damaged, changed since it was
+    listed, an unreadable label file): recorded as a failure; the run goes on."""
+
+
 class ReportError(EmbedstoreError, ValueError):
     """A report cannot be written as asked (a sample size, k, a threshold, the heads to compare)."""
 

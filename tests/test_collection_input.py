@@ -1,5 +1,5 @@
 """What `embed` accepts as a collection, and where it writes: default store path, CSV headers and BOM,
-URLs and empty lists refused, non-regular and oversized files refused unread, symlinks out of a
+URL rows (schemes nothing reads refused) and empty lists refused, non-regular and oversized files refused unread, symlinks out of a
 folder, and a rerun with nothing new that never loads the backbone."""
 from __future__ import annotations
 
@@ -136,13 +136,31 @@ def test_csv_with_a_bom_embeds_without_a_failure_row(tmp_path: Path):
     assert (summary["embedded"], summary["failed"]) == (1, 0)
 
 
-@pytest.mark.parametrize("url", ["https://example.com/a.jpg", "http://x/y.png", "s3://bucket/k.jpg",
-                                 "gs://b/o.jpg", "file:///tmp/a.jpg"])
-def test_csv_url_rows_are_refused_naming_the_line(tmp_path: Path, url: str):
+@pytest.mark.parametrize("url", ["https://example.com/a.jpg", "http://x/y.png", "memory://bucket/k.jpg",
+                                 "file:///tmp/a.jpg"])
+def test_csv_url_rows_are_listed_keyed_by_the_url(tmp_path: Path, url: str):
+    make_collection(tmp_path / "imgs", per_class=1, splits=())
+    (tmp_path / "list.csv").write_text(f"path,label\nimgs/red_disc/red_disc_000.png,red\n{url},x\n")
+    _, items = discover(tmp_path / "list.csv")
+    assert [(it.rel, it.label) for it in items] == [(os.path.join("imgs", "red_disc", "red_disc_000.png"), "red"),
+                                                    (url, "x")]
+    assert items[1].path == ("/tmp/a.jpg" if url.startswith("file:") else url)
+
+
+@pytest.mark.parametrize("url,says", [("foo://x/a.jpg", "not a URL scheme fsspec knows"),
+                                      ("s3://bucket/k.jpg", "s3fs"), ("gs://b/o.jpg", "gcsfs")])
+def test_csv_url_rows_nothing_can_read_are_refused_naming_the_line(tmp_path: Path, url: str, says: str):
+    scheme = url.split(":")[0]
+    if scheme != "foo":
+        pytest.importorskip("fsspec")
+        import importlib.util
+
+        if importlib.util.find_spec({"s3": "s3fs", "gs": "gcsfs"}[scheme]):
+            pytest.skip(f"{scheme}:// is readable here")
     make_collection(tmp_path / "imgs", per_class=1, splits=())
     (tmp_path / "list.csv").write_text(f"path,label\nimgs/red_disc/red_disc_000.png,red\n{url},x\n")
     res = _embed(str(tmp_path / "list.csv"), "--store", str(tmp_path / "s.h5"))
-    _one_line_error(res, "list.csv", "line 3", url, "not supported")
+    _one_line_error(res, "list.csv", "line 3", url, says)
     assert not (tmp_path / "s.h5").exists()
 
 

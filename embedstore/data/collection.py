@@ -1,80 +1,85 @@
-"""Listing a collection: a folder (recursive, ImageFolder labels) or a CSV list of images.
+"""Listing a collection as ``ImageItem``s: a folder, a tar shard, a table (CSV, Parquet) or a dataset.
 
-Imports no torch, so a run that finds nothing new stays fast. Folder collections do not follow
-symlinks out of their root unless asked to (such entries are listed as refused items, which
-the reader records as failures). CSV lists: header row by column names, UTF-8 BOM dropped,
-URLs refused. An empty collection is an error. Crash safety: this module only reads.
+Folders are walked recursively (ImageFolder labels); the ``.tar`` shards met there (or given) are
+listed by :mod:`.tars`, tables by :mod:`.tables`, Hugging Face datasets by :mod:`.hf`. An item says
+where its bytes are: a local file (``source`` None), or a byte source (a tar shard, a URL fetcher,
+a dataset's rows) that the reader asks for them. Imports no torch, so a run that finds nothing new
+stays fast. Folder collections do not follow symlinks out of their root unless asked to (such
+entries are listed as refused items, which the reader records as failures). An empty collection
+is an error. Crash safety: this module only reads.
 """
 from __future__ import annotations
 
-import csv
 import os
-import re
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
-from PIL import Image
+from ..errors import CollectionError, EmbedOptionError, MissingImageError
+from . import tars
+from .hf import discover_dataset, is_dataset
+from .items import (MAX_FILE_BYTES, SPLITS, ByteSource, ImageItem, image_extensions, is_url,  # noqa: F401 (re-exported)
+                    layout_labels, relative_key)
+from .tables import discover_table
 
-from ..errors import CollectionError, MissingImageError
-
-SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-
-# Refuse files larger than this before reading them (a documented limit: --max-file-size).
-MAX_FILE_BYTES = 256 << 20
-
-CSV_PATH_COLUMNS = ("path", "filepath", "file_path", "file", "filename", "image", "image_path")
-CSV_LABEL_COLUMNS = ("label", "class")
-CSV_SPLIT_COLUMNS = ("split",)
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
 
 
-def image_extensions() -> set[str]:
-    """File extensions of every format Pillow can open here."""
-    Image.init()
-    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-
-
-@dataclass(frozen=True)
-class ImageItem:
-    """One image of a collection: where it is and what the layout says about it."""
-
-    path: str  # absolute path
-    rel: str  # path as stored: relative to the collection root when inside it
-    label: str = ""
-    split: str = ""
-    refusal: str = ""  # set by discovery for an entry the reader must refuse (recorded as a failure)
-
-
-def discover(source: str | os.PathLike, follow_symlinks: bool = False) -> tuple[str, list[ImageItem]]:
-    """List the images of a folder (recursive, ImageFolder labels) or of a CSV list.
+def discover(source: str | os.PathLike | Any, follow_symlinks: bool = False, *,
+             columns: Mapping[str, str] | None = None, fetch: Any = None) -> tuple[str, list[ImageItem]]:
+    """List the images of a folder, a tar shard, a CSV/Parquet table or a Hugging Face dataset.
 
     Folder layout: ``<class>/img`` gives the label; ``<split>/<class>/img`` when the first
-    level is train/val/test. A symlink (file or folder) leading outside the folder is not
-    followed unless ``follow_symlinks``; it is listed as a refused item (a recorded failure).
-    CSV: ``path[,label[,split]]`` per row, paths relative to the CSV's folder, or a header row
-    naming the columns (path/filepath/file/image/image_path, label/class, split); URLs are
-    refused. Returns the root and the items, sorted by path. Raises CollectionError when the
-    collection lists no image.
+    level is train/val/test; every ``.tar`` under it is read as a webdataset shard too (:mod:`.tars`).
+    A symlink (file or folder) leading outside the folder is not followed unless
+    ``follow_symlinks``; it is listed as a refused item (a recorded failure). A ``.tar``: its image
+    members. A table (``.csv``/``.tsv``/``.txt``/``.parquet``, a local path or an fsspec URL): rows
+    of paths or URLs (:mod:`.tables`; ``columns={"path": ..., "label": ..., "split": ...}`` names
+    its columns; ``fetch``, a :class:`.remote.Fetch`, how URLs are downloaded). A
+    ``datasets.Dataset``: its Image column (:mod:`.hf`; ``columns`` keys image, label, split, key).
+    Returns the root and the items, sorted by key. Raises CollectionError when the collection
+    lists no image.
     """
-    src = Path(source)
+    if is_dataset(source):
+        return discover_dataset(source, columns)
+    if not isinstance(source, (str, os.PathLike)):
+        raise CollectionError(f"{type(source).__name__} is not a collection: pass a folder, a .tar shard, a "
+                              "CSV/Parquet table (a path or URL) or a datasets.Dataset")
+    text = os.fspath(source)
+    suffix = Path(text.rsplit("/", 1)[-1]).suffix.lower()
+    if is_url(text) and not text.lower().startswith("file://"):
+        if suffix not in TABLE_SUFFIXES:
+            raise CollectionError(f"{text}: a collection given by URL must be a table (.csv, .tsv, .txt, .parquet)")
+        return _table(text, columns, fetch)
+    src = Path(text[len("file://"):] if text.lower().startswith("file://") else text)
     if not src.exists():
-        raise CollectionError(f"{src} does not exist: pass a folder of images or a CSV list (path[,label[,split]])")
+        raise CollectionError(f"{src} does not exist: pass a folder of images, a .tar shard, or a CSV/Parquet "
+                              "table (path[,label[,split]])")
+    if columns and (src.is_dir() or suffix not in TABLE_SUFFIXES):
+        raise EmbedOptionError(f"columns={dict(columns)!r} (--path-column, ...) apply to tables and datasets, "
+                               f"not to {src}")
     if src.is_dir():
         root = str(src.resolve())
         items = _discover_folder(root, follow_symlinks)
         if not items:
-            raise CollectionError(f"{src}: no images found (no file with an image extension such as .jpg or .png "
-                                  "under it): pass a folder of images or a CSV list")
+            raise CollectionError(f"{src}: no images found (no file with an image extension such as .jpg or .png, "
+                                  "and no .tar shard, under it): pass a folder of images or a CSV list")
         return root, items
-    if src.suffix.lower() in (".csv", ".txt", ".tsv"):
-        root = str(src.resolve().parent)
-        items = _discover_csv(src, root)
-        if not items:
-            raise CollectionError(f"{src}: no images listed (the list is empty or holds only a header or comments): "
-                                  "list one image per row, path[,label[,split]]")
+    tars.check_single_shard(text)
+    if tars.is_shard(text):
+        root, full = str(src.resolve().parent), str(src.resolve())
+        items = tars.list_shard(full, src.name)
+        if not any(not it.refusal for it in items):
+            raise CollectionError(items[-1].refusal if items else
+                                  f"{src}: no images in the shard (no member with an image extension)")
         return root, items
-    raise CollectionError(f"{src} is neither a folder nor a .csv list")
+    if suffix in TABLE_SUFFIXES:
+        return _table(str(src), columns, fetch)
+    raise CollectionError(f"{src} is neither a folder, a .tar shard, nor a table (.csv, .tsv, .txt, .parquet)")
+
+
+def _table(source: str, columns: Mapping[str, str] | None, fetch: Any) -> tuple[str, list[ImageItem]]:
+    return discover_table(source, columns, fetch)
 
 
 def expand_images(sources: Sequence[str | os.PathLike], what: str = "image") -> list[ImageItem]:
@@ -89,7 +94,8 @@ def expand_images(sources: Sequence[str | os.PathLike], what: str = "image") -> 
     for src in sources:
         p = Path(src)
         if p.is_dir():
-            out.extend(ImageItem(it.path, str(p / it.rel), it.label, it.split) for it in discover(p)[1])
+            out.extend(replace(it, rel=str(p / it.rel), refusal=it.refusal if it.source is not None else "")
+                       for it in discover(p)[1])
         elif p.exists():
             out.append(ImageItem(os.path.abspath(p), str(src)))
         else:
@@ -118,17 +124,23 @@ def _discover_folder(root: str, follow_symlinks: bool = False) -> list[ImageItem
                 kept.append(d)
             else:  # listed once, as a refused entry, instead of walking a tree outside the root
                 rel = os.path.relpath(full, root)
-                items.append(ImageItem(full, rel, *_layout_labels(rel), refusal=_outside_message("folder", full, root)))
+                items.append(ImageItem(full, rel, *layout_labels(rel), refusal=_outside_message("folder", full, root)))
         dirnames[:] = kept
         for name in filenames:
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in exts:
+            shard, compressed = tars.is_shard(name), tars.is_compressed_shard(name)
+            if name.startswith(".") or not (shard or compressed or os.path.splitext(name)[1].lower() in exts):
                 continue
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, root)
             # only a symlink can lead out: every folder walked here resolves inside the root already
             outside = not follow_symlinks and os.path.islink(full) and not _inside(os.path.realpath(full), root)
-            items.append(ImageItem(full, rel, *_layout_labels(rel),
-                                   refusal=_outside_message("file", full, root) if outside else ""))
+            refusal = _outside_message("file", full, root) if outside else ""
+            if compressed and not refusal:
+                items.append(tars.refused_shard(full, rel, tars.compressed_message(full), layout_labels(rel)[1]))
+            elif shard and not refusal:
+                items.extend(tars.list_shard(full, rel, layout_labels(rel)[1]))
+            else:
+                items.append(ImageItem(full, rel, *layout_labels(rel), refusal=refusal))
     items.sort(key=lambda it: it.rel)
     return items
 
@@ -136,77 +148,6 @@ def _discover_folder(root: str, follow_symlinks: bool = False) -> list[ImageItem
 def _outside_message(kind: str, path: str, root: str) -> str:
     return (f"symlinked {kind} leads outside the collection root {root} (to {os.path.realpath(path)}): "
             "not followed; pass --follow-symlinks (follow_symlinks=True) to include it")
-
-
-def _layout_labels(rel: str) -> tuple[str, str]:
-    parts = Path(rel).parts[:-1]
-    if parts and parts[0].lower() in SPLITS:
-        return (parts[1] if len(parts) > 1 else ""), SPLITS[parts[0].lower()]
-    return (parts[0] if parts else ""), ""
-
-
-def _discover_csv(src: Path, root: str) -> list[ImageItem]:
-    try:
-        return _read_csv(src, root)
-    except UnicodeDecodeError as e:
-        raise CollectionError(f"{src} is not UTF-8 text (byte {e.start}): save the list as UTF-8 CSV") from None
-    except csv.Error as e:
-        raise CollectionError(f"{src} is not a readable CSV list ({e}): write one path[,label[,split]] per row") from None
-    except OSError as e:
-        raise CollectionError(f"cannot read {src} ({e.strerror or type(e).__name__}): check that it is a readable "
-                              "CSV file") from None
-
-
-def _read_csv(src: Path, root: str) -> list[ImageItem]:
-    items = []
-    columns: tuple[int, int | None, int | None] | None = None  # path, label, split column indices
-    with open(src, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a leading BOM is dropped
-        dialect = csv.excel_tab if src.suffix.lower() == ".tsv" else csv.excel
-        reader = csv.reader(f, dialect)
-        for row in reader:
-            if not row or not row[0].strip() or row[0].startswith("#"):
-                continue
-            if columns is None:
-                columns = _csv_header(src, root, row)
-                if columns is not None:
-                    continue  # the header row
-                columns = (0, 1, 2)
-            path = _cell(row, columns[0])
-            if not path:
-                continue
-            if "\x00" in path:
-                raise csv.Error(f"line {reader.line_num} holds a NUL byte")
-            if _URL.match(path):
-                raise CollectionError(f"{src}, line {reader.line_num}: {path} is a URL; URLs are not supported yet: "
-                                      "download the images and list their local paths instead")
-            label = _cell(row, columns[1])
-            split = _cell(row, columns[2])
-            split = SPLITS.get(split.lower(), split)
-            full = path if os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
-            rel = os.path.relpath(full, root) if _inside(full, root) else full
-            items.append(ImageItem(full, rel, label, split))
-    return items
-
-
-def _cell(row: list[str], index: int | None) -> str:
-    return row[index].strip() if index is not None and index < len(row) else ""
-
-
-def _csv_header(src: Path, root: str, row: list[str]) -> tuple[int, int | None, int | None] | None:
-    """Column indices when ``row`` is a header (known names, first cell not a file), else None."""
-    names = [c.strip().lower() for c in row]
-    known = CSV_PATH_COLUMNS + CSV_LABEL_COLUMNS + CSV_SPLIT_COLUMNS
-    if names[0] not in known or os.path.exists(os.path.join(root, row[0].strip())):
-        return None
-
-    def find(options: tuple[str, ...]) -> int | None:
-        return next((i for i, n in enumerate(names) if n in options), None)
-
-    path = find(CSV_PATH_COLUMNS)
-    if path is None:
-        raise CollectionError(f"{src}: the header row ({','.join(row)}) names no path column: name it one of "
-                              f"{', '.join(CSV_PATH_COLUMNS)}")
-    return path, find(CSV_LABEL_COLUMNS), find(CSV_SPLIT_COLUMNS)
 
 
 def _inside(path: str, root: str) -> bool:

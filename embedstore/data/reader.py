@@ -4,8 +4,10 @@ decoding in ``decode``: Pillow, or torchvision for the JPEGs it decodes faster t
 The reader stage of the pipeline. Every failure is returned as data (error type and message),
 never raised, so one bad file cannot stop a run. The reader opens only regular files, without
 blocking (a FIFO swapped in cannot hang it), and reads at most ``max_bytes`` of each; an entry
-that discovery refused (a symlink out of the root) is recorded as a failure. Crash safety: this
-module only reads; it writes nothing.
+that discovery refused (a symlink out of the root) is recorded as a failure. Items that are not
+local files (tar members, URLs, dataset rows) are read by their byte source (``ImageItem.source``);
+a batch's URLs are downloaded concurrently (``__getitems__``). Crash safety: this module only
+reads; it writes nothing.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from PIL import Image
 
 from .._hashing import hash_bytes
 from ..errors import EmptyFileError, FileTooLargeError, NotRegularFileError, OutsideRootError
-from .collection import MAX_FILE_BYTES, ImageItem
+from .items import MAX_FILE_BYTES, ByteSource, ImageItem
 from .decode import MAX_PIXELS, Decoder, decode_image, to_rgb  # noqa: F401 (re-exported: serve, tests)
 
 
@@ -57,10 +59,27 @@ class ImageReader(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> ReadResult:
+        return self._result(index, None)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[ReadResult]:
+        """A batch (torch's DataLoader fetcher calls this): the items of one byte source that reads
+        several at once (URLs: concurrent downloads; dataset rows) are read together first."""
+        groups: dict[int, tuple[ByteSource, list[int]]] = {}
+        for i in indices:
+            source = self.items[i].source
+            if source is not None and not self.items[i].refusal:
+                groups.setdefault(id(source), (source, []))[1].append(i)
+        read: dict[int, bytes | Exception] = {}
+        for source, idx in groups.values():
+            if len(idx) > 1:
+                read.update(zip(idx, source.read_many([self.items[i] for i in idx], self.max_bytes)))
+        return [self._result(i, read.get(i)) for i in indices]
+
+    def _result(self, index: int, got: bytes | Exception | None) -> ReadResult:
         item = self.items[index]
         result = ReadResult(index, None)
         try:
-            data = read_file(item, self.max_bytes, result)
+            data = read_item(item, self.max_bytes, result, got)
             result.hash = hash_bytes(data)
             if not data:
                 raise EmptyFileError("empty file (0 bytes): nothing to decode")
@@ -68,6 +87,20 @@ class ImageReader(torch.utils.data.Dataset):
         except Exception as e:  # noqa: BLE001 - a bad file is data, not a crash
             result.error, result.message = type(e).__name__, str(e)[:500] or type(e).__name__
         return result
+
+
+def read_item(item: ImageItem, max_bytes: int, result: ReadResult, got: bytes | Exception | None = None) -> bytes:
+    """The bytes of any item: a local file (:func:`read_file`), or what its byte source reads (``got``:
+    already read by ``read_many``); ``result`` gets the size and mtime recorded for it."""
+    if item.source is None:
+        return read_file(item, max_bytes, result)
+    result.size, result.mtime = item.stat or (0, 0.0)
+    data = item.source.read(item, max_bytes) if got is None else got
+    if isinstance(data, Exception):
+        raise data
+    if item.stat is None:
+        result.size = len(data)
+    return data
 
 
 def read_file(item: ImageItem, max_bytes: int, result: ReadResult) -> bytes:

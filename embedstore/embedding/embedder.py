@@ -98,7 +98,7 @@ def size_workers(cores: int, decode_s: float, model_core_s: float) -> int:
 
 def auto_workers(items: Sequence[ImageItem], embedder: Any, reader: ImageReader, sample: int = 8) -> tuple[int, str]:
     """``--workers auto``: (decode processes, why). On a CPU with more than 2 cores, the cost of both stages
-    is measured on the first ``sample`` images in this process (read and decode; one forward pass of
+    is measured on the first ``sample`` local files in this process (read and decode; one forward pass of
     them, times the model's threads) and the cores are shared by :func:`size_workers`, with a note
     saying so. On a GPU, or when the sample decodes nothing, :func:`default_workers`; on 1-2 cores,
     1 (decoding overlaps inference, and the model's threads keep both cores)."""
@@ -107,9 +107,10 @@ def auto_workers(items: Sequence[ImageItem], embedder: Any, reader: ImageReader,
     cores = cpu_cores()
     if embedder.device.type == "cuda" or cores <= 2:  # the rule, unmeasured: no note
         return default_workers(embedder.device), ""
-    t0 = time.perf_counter()
-    done = [r.pixels for r in (reader[i] for i in range(min(sample, len(items)))) if isinstance(r.pixels, torch.Tensor)]
-    decode_s = (time.perf_counter() - t0) / max(1, min(sample, len(items)))
+    local = [i for i, it in enumerate(items[:sample * 4]) if getattr(it, "source", None) is None][:sample]
+    t0 = time.perf_counter()  # local files only: a URL sampled here would be downloaded twice
+    done = [r.pixels for r in (reader[i] for i in local) if isinstance(r.pixels, torch.Tensor)]
+    decode_s = (time.perf_counter() - t0) / max(1, len(local))
     if not done:
         n = default_workers(embedder.device)
         return n, ""

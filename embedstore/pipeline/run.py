@@ -21,6 +21,7 @@ from .. import DEFAULT_BACKBONE
 from ..backbones.registry import default_space_name
 from ..choices import ENGINES, RUNTIMES, STORE_DTYPES
 from ..data.collection import MAX_FILE_BYTES, discover
+from ..data.remote import Fetch
 from ..errors import EmbedOptionError, ShardError
 from ..store import validate_space_name
 from ..utils import timed
@@ -29,7 +30,7 @@ from .worker import run_items
 
 
 def embed(
-    source: str | os.PathLike,
+    source: str | os.PathLike | Any,
     store: str | os.PathLike,
     *,
     backbone: str = DEFAULT_BACKBONE,
@@ -50,12 +51,17 @@ def embed(
     cpus_per_worker: float | None = None,
     follow_symlinks: bool = False,
     max_bytes: int = MAX_FILE_BYTES,
+    columns: dict[str, str] | None = None,
+    fetch: Fetch | None = None,
 ) -> dict[str, Any]:
-    """Embed a folder or CSV list of images into an HDF5 store; returns a summary dict.
+    """Embed a collection of images into an HDF5 store; returns a summary dict.
 
     Args:
-        source: a folder (recursive; ``<class>/img`` or ``<split>/<class>/img`` give labels) or
-            a CSV list of ``path[,label[,split]]``.
+        source: a folder (recursive; ``<class>/img`` or ``<split>/<class>/img`` give labels; its
+            ``.tar`` files are read as webdataset shards), a ``.tar`` shard, a CSV/TSV/Parquet table
+            of paths or URLs (``path[,label[,split]]``, or a header naming the columns; the table
+            may be an fsspec URL itself), or a Hugging Face ``datasets.Dataset`` (an Image column):
+            see :func:`embedstore.data.discover`.
         store: the ``.h5`` file to create or extend.
         backbone: registry name, timm name or ``torchvision:<name>``.
         weights: local checkpoint, ``"random"``, or None for the backbone's pretrained weights.
@@ -81,7 +87,12 @@ def embed(
             :func:`embedstore.pipeline.embed_ray`.
         follow_symlinks: in a folder, embed files that symlinks lead to outside the folder (by
             default they are recorded as failures).
-        max_bytes: files larger than this are recorded as failures without being read.
+        max_bytes: files (tar members, downloads) larger than this are recorded as failures without
+            being read.
+        columns: a table's columns, ``{"path": ..., "label": ..., "split": ...}`` (the CLI's
+            ``--path-column``, ...); a dataset's ``{"image": ..., "label": ..., "split": ..., "key": ...}``.
+        fetch: how URLs are downloaded (:class:`embedstore.data.Fetch`: timeout, retries, concurrency);
+            failed downloads are recorded as failures and the run goes on.
     """
     if runtime not in RUNTIMES:
         raise EmbedOptionError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r} (--runtime)")
@@ -99,9 +110,13 @@ def embed(
     if max_bytes < 1:
         raise EmbedOptionError(f"max_bytes must be at least 1, not {max_bytes} (--max-file-size)")
     if engine == "ray":
-        if follow_symlinks or max_bytes != MAX_FILE_BYTES:
-            raise EmbedOptionError("follow_symlinks and max_bytes (--follow-symlinks, --max-file-size) are not "
-                                   "supported with engine='ray' yet; use the local engine or --shard I/N")
+        if follow_symlinks or max_bytes != MAX_FILE_BYTES or columns or fetch not in (None, Fetch()):
+            raise EmbedOptionError("follow_symlinks, max_bytes, columns and fetch (--follow-symlinks, --max-file-size, "
+                                   "--path-column/--label-column/--split-column, --url-*) are not supported with "
+                                   "engine='ray' yet; use the local engine or --shard I/N")
+        if not isinstance(source, (str, os.PathLike)):
+            raise EmbedOptionError(f"engine='ray' embeds a folder, shard or table given by path, not a "
+                                   f"{type(source).__name__}: use the local engine")
         if shard is not None:
             raise ShardError(f"shard={shard} (--shard) runs one shard in this process; it cannot be combined "
                              "with engine='ray' (--engine ray): leave out one of them")
@@ -117,7 +132,7 @@ def embed(
     stages: dict[str, float] = {}
     t_start = time.perf_counter()
     with timed(stages, "discover"):
-        root, items = discover(source, follow_symlinks)
+        root, items = discover(source, follow_symlinks, columns=columns, fetch=fetch)
     space = validate_space_name(space or default_space_name(backbone, weights))
     return run_items(store, root, items, backbone=backbone, weights=weights, space=space, batch_size=batch_size,
                      device=device, precision=precision, runtime=runtime, workers=workers, dtype=dtype,
