@@ -31,7 +31,7 @@ from .items import ByteSource, ImageItem
 RETRIED_ERRORS = ("TransientDownloadError",)  # failures a rerun tries again (network trouble, not a 404)
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
             "abfss": "adlfs", "hf": "huggingface_hub", "ssh": "paramiko", "sftp": "paramiko"}
-USER_AGENT = "embedstore (+https://pypi.org/project/tl-embedstore/)"
+USER_AGENT = "embedstore (tl-embedstore)"
 
 
 def file_url_path(url: str) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -23,6 +23,8 @@ from .config import Run
 from ..backbones.load import load_backbone, weights_checksum
 from ..data.collection import MAX_FILE_BYTES
 from ..data.reader import ImageItem
+from ..data.remote import Fetch
+from ..data.stored import stored_items
 from ..embedding.embedder import Embedder
 from ..embedding.runtimes import load_embedder
 from ..errors import FinetuneError
@@ -33,18 +35,21 @@ from ..store import Store, StoreWriter
 REEMBED_ROWS = 65536  # store rows listed, planned and embedded at a time
 
 
-def item(st: Store, path: str, label: str, split: str) -> ImageItem:
-    """The store's row ``path`` as an image to read."""
-    return ImageItem(st.abspath(path), path, label, split)
+def items_of(st: Store, rows: Sequence[tuple[str, str, str]], fetch: Fetch | None = None) -> list[ImageItem]:
+    """The store's (path, label, split) rows as images to read: files, tar members, URLs (:func:`stored_items`)."""
+    paths, labels, splits = zip(*rows) if rows else ((), (), ())
+    return stored_items(st.root, paths, labels=labels, splits=splits, fetch=fetch or Fetch())
 
 
 def store_items(st: Store, chunk: int = REEMBED_ROWS) -> Iterator[list[ImageItem]]:
-    """Every image of the store as items to read, ``chunk`` rows at a time in row order: the path,
-    label and split columns are read for those rows only (never a whole column)."""
+    """Every image of the store as items to read (files, tar members, URLs: :func:`stored_items`),
+    ``chunk`` rows at a time in row order: the path, label and split columns are read for those rows
+    only (never a whole column)."""
+    fetch = Fetch()
     for a in range(0, st.n_images, chunk):
         rows = np.arange(a, min(st.n_images, a + chunk))
-        columns = [st.image_column(c, rows) for c in ("path", "label", "split")]
-        yield [item(st, *r) for r in zip(*columns)]
+        paths, labels, splits = (st.image_column(c, rows) for c in ("path", "label", "split"))
+        yield stored_items(st.root, paths, labels=labels, splits=splits, fetch=fetch)
 
 
 def reembed(st: Store, store_path: Any, out_space: str, embedder: Embedder, attrs: dict[str, Any], *,

@@ -28,7 +28,7 @@ import torch
 from . import training as T
 from .config import RUN_KEYS, FinetuneConfig, Run
 from .probe import SplitRows, linear_probe, split_rows
-from .publish import item, publish
+from .publish import items_of, publish
 from ..backbones.load import load_space_backbone
 from ..data.reader import draft_size
 from ..embedding.embedder import resolve_device, resolve_precision
@@ -158,11 +158,11 @@ def _train(run: Run, model: Model, state: dict[str, Any] | None) -> tuple[dict[s
     """Epoch 0 (the probe through the frozen network) when starting, then epochs until done or ``stop_after``."""
     cfg, net = run.cfg, model.net
     codes = {c: i for i, c in enumerate(model.classes)}
-    train_items = [item(run.st, *r) for r in model.train]
+    train_items = items_of(run.st, model.train)
     y_train = np.array([codes[lab] for _, lab, _ in model.train])
     y_val = np.array([codes[lab] for _, lab, _ in model.val])
     side = draft_size(model.bb.data_config)
-    val_batches = T.loader([item(run.st, *r) for r in model.val], model.bb.eval_transform(), cfg.batch_size,
+    val_batches = T.loader(items_of(run.st, model.val), model.bb.eval_transform(), cfg.batch_size,
                            run.workers, side)
     total = (len(train_items) // cfg.batch_size if len(train_items) > cfg.batch_size else 1) * cfg.epochs
     warmup_steps = int(round(cfg.warmup * total))

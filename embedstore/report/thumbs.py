@@ -4,7 +4,8 @@ Trust rule: a row's thumbnail is made only from a file whose bytes still match t
 recorded for that row when it was embedded. A store received from someone else may name any local
 file (an absolute path, ``../`` out of the root); such a file, or one changed since embedding, gets
 the placeholder, so a report never shows what the store did not embed. The bytes are read once,
-then hashed and decoded from memory (no window between the check and the use).
+then hashed and decoded from memory (no window between the check and the use). Tar members are read
+from their shard (:mod:`embedstore.data.stored`); URLs are never fetched for a report (placeholder).
 
 Crash-safety: read-only; nothing here writes a file.
 """
@@ -16,10 +17,13 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
+from ..data.items import MAX_FILE_BYTES, ImageItem
+from ..data.stored import stored_items
 from ..store import Store
 from .._hashing import hash_bytes
 
 MISSING, CHANGED = "missing", "changed"
+MAX_THUMB_SOURCE_BYTES = MAX_FILE_BYTES  # a tar member larger than this gets the placeholder
 
 
 def thumbnail_from_bytes(data: bytes, px: int) -> bytes | None:
@@ -47,12 +51,18 @@ def thumbnail_jpeg(path: str, px: int) -> bytes | None:
         return None
 
 
-def verified_thumbnail(path: str, expected_hash: str, px: int) -> tuple[bytes | None, str | None]:
-    """(JPEG, None) for a readable file whose content hash is ``expected_hash``; else (None, why)."""
+def verified_thumbnail(path: str | ImageItem, expected_hash: str, px: int) -> tuple[bytes | None, str | None]:
+    """(JPEG, None) for a readable file (or tar member: an item of :func:`embedstore.data.stored.stored_items`)
+    whose content hash is ``expected_hash``; else (None, why). A URL is never fetched: missing."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
+        if isinstance(path, ImageItem) and (path.refusal or path.source is not None):
+            if path.refusal:
+                return None, MISSING
+            data = path.source.read(path, MAX_THUMB_SOURCE_BYTES)
+        else:
+            with open(path.path if isinstance(path, ImageItem) else path, "rb") as f:
+                data = f.read()
+    except Exception:  # noqa: BLE001 - unreadable (gone, a damaged shard): the placeholder
         return None, MISSING
     if not expected_hash or hash_bytes(data) != expected_hash:
         return None, CHANGED
@@ -97,7 +107,7 @@ class Thumbnails:
         if not todo:
             return
         paths, hashes = self.st.image_column("path", todo), self.st.image_column("hash", todo)
-        jobs = [(self.st.abspath(str(p)), str(h)) for p, h in zip(paths, hashes)]
+        jobs = list(zip(stored_items(self.st.root, [str(p) for p in paths]), map(str, hashes)))
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
             done = pool.map(lambda job: verified_thumbnail(job[0], job[1], self.px), jobs)
             for row, path, (jpeg, why) in zip(todo, paths, done):

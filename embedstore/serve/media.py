@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..data.collection import MAX_FILE_BYTES as MAX_IMAGE_BYTES  # the collection reader's cap on one file
+from ..data.items import is_url
 from ..errors import MediaError
 from ..store import Store
 
@@ -44,6 +45,10 @@ def row_image(st: Store, row: int) -> RowImage:
     rows = np.array([row], np.int64)
     stored = str(st.image_column("path", rows)[0])
     digest = str(st.image_column("hash", rows)[0])
+    if is_url(stored) or ".tar/" in stored.lower():
+        kind = "a URL" if is_url(stored) else "a member of a tar shard"
+        raise MediaError(f"row {row}'s image {stored} is {kind}: the server sends image files only (the page shows "
+                         "the path instead)")
     if not st.root:
         raise MediaError(f"{st.path} records no collection root, so no image file is served", 403)
     root = os.path.realpath(st.root)
