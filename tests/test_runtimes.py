@@ -275,3 +275,14 @@ def test_every_registry_backbone_exports_and_matches_eager(runtime: str, collect
         got, _ = embed_items(items, emb, batch_size=16, workers=0)
         ref, _ = embed_items(items, Embedder(bb, "cpu", "fp32"), batch_size=16, workers=0)
         assert got.shape == (len(items), bb.dim) and cosines(got, ref).min() >= TOLERANCE, name
+
+
+@needs_ort
+def test_onnxruntime_streams_split_a_batch_in_order(collection: Path, tiny, seeded_cache: Path) -> None:
+    """With 2+ threads a batch runs as single-threaded parts side by side: the rows come back in order."""
+    _, items = discover(collection)
+    batch = runtimes.sample_images(items, tiny, n=5)
+    one, two = onnx_rt.SessionEmbedder(tiny, "onnxruntime", threads=1), onnx_rt.SessionEmbedder(tiny, "onnxruntime", threads=2)
+    ref = np.concatenate([one(batch[i:i + 1]) for i in range(len(batch))])
+    np.testing.assert_allclose(two(batch), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(two(batch[:1]), ref[:1], rtol=1e-5, atol=1e-6)  # fewer rows than streams
