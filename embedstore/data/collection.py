@@ -20,6 +20,7 @@ from . import tars
 from .hf import discover_dataset, is_dataset
 from .items import (MAX_FILE_BYTES, SPLITS, ByteSource, ImageItem, image_extensions, is_url,  # noqa: F401 (re-exported)
                     layout_labels, relative_key)
+from .remote import file_url_path
 from .tables import discover_table
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
@@ -50,8 +51,8 @@ def discover(source: str | os.PathLike | Any, follow_symlinks: bool = False, *,
     if is_url(text) and not text.lower().startswith("file://"):
         if suffix not in TABLE_SUFFIXES:
             raise CollectionError(f"{text}: a collection given by URL must be a table (.csv, .tsv, .txt, .parquet)")
-        return _table(text, columns, fetch)
-    src = Path(text[len("file://"):] if text.lower().startswith("file://") else text)
+        return discover_table(text, columns, fetch)
+    src = Path(file_url_path(text) if text.lower().startswith("file://") else text)
     if not src.exists():
         raise CollectionError(f"{src} does not exist: pass a folder of images, a .tar shard, or a CSV/Parquet "
                               "table (path[,label[,split]])")
@@ -74,12 +75,8 @@ def discover(source: str | os.PathLike | Any, follow_symlinks: bool = False, *,
                                   f"{src}: no images in the shard (no member with an image extension)")
         return root, items
     if suffix in TABLE_SUFFIXES:
-        return _table(str(src), columns, fetch)
+        return discover_table(str(src), columns, fetch)
     raise CollectionError(f"{src} is neither a folder, a .tar shard, nor a table (.csv, .tsv, .txt, .parquet)")
-
-
-def _table(source: str, columns: Mapping[str, str] | None, fetch: Any) -> tuple[str, list[ImageItem]]:
-    return discover_table(source, columns, fetch)
 
 
 def expand_images(sources: Sequence[str | os.PathLike], what: str = "image") -> list[ImageItem]:

@@ -100,17 +100,18 @@ class _Rows:
         return ImageItem(full, relative_key(full, self.root), label, split)
 
 
-def _open_text(source: str, remote: bool):
-    if remote:
+def _open(source: str, mode: str, **kwargs: str):
+    """The table's file: a local path, or an fsspec URL."""
+    if is_url(source):
         import fsspec
 
-        return fsspec.open(source, "rt", encoding="utf-8-sig", newline="").open()
-    return open(source, newline="", encoding="utf-8-sig")  # utf-8-sig: a leading BOM is dropped
+        return fsspec.open(source, mode, **kwargs).open()
+    return open(source, mode, **kwargs)
 
 
 def _csv_rows(source: str, name: str, root: str, remote: bool, cols: dict[str, str]) -> Iterator[Row]:
     indices: tuple[int | None, int | None, int | None] | None = None  # path, label, split
-    with _open_text(source, remote) as f:
+    with _open(source, "rt", encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a leading BOM is dropped
         dialect = csv.excel_tab if name.lower().endswith(".tsv") else csv.excel
         reader = csv.reader(f, dialect)
         for row in reader:
@@ -177,13 +178,7 @@ def _parquet_rows(source: str, name: str, cols: dict[str, str]) -> Iterator[Row]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if is_url(source):
-        import fsspec
-
-        handle = fsspec.open(source, "rb").open()
-    else:
-        handle = open(source, "rb")
-    with handle:
+    with _open(source, "rb") as handle:
         try:
             pf = pq.ParquetFile(handle)
         except (pa.ArrowInvalid, pa.ArrowException) as e:

@@ -43,7 +43,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
-from .._atomic import atomic_write_text, fsync_dir, temporary_beside
+from .._atomic import atomic_write, atomic_write_text
+from ..data.items import is_url
 from ..errors import ExportError
 from ..store import open_store
 from ..store.locks import try_lock
@@ -107,16 +108,11 @@ def _remove_stale_temps(out: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
 def _metadata(sp: Any, st: Any, a: int, b: int, absolute: bool) -> Any:
     """The parquet columns of positions ``a:b``: image_path, label, split (null = none)."""
     table = space_table(sp, ("path",) + OPTIONAL_COLUMNS, np.arange(a, b))
     if absolute:
-        paths = [p if "://" in p else os.path.abspath(st.abspath(p)) for p in table.column("path").to_pylist()]
+        paths = [p if is_url(p) else os.path.abspath(st.abspath(p)) for p in table.column("path").to_pylist()]
         table = table.set_column(0, "path", string_array(np.array(paths, dtype=object), empty_is_null=False))
     return table.rename_columns([PATH_COLUMN, *OPTIONAL_COLUMNS])
 
@@ -129,33 +125,28 @@ def _write_part(sp: Any, st: Any, npy: Path, parquet: Path, a: int, b: int, *, c
 
     dtype = sp.vectors.dtype
     schema = pa.schema([(c, pa.string()) for c in (PATH_COLUMN, *OPTIONAL_COLUMNS)])
-    tmp_npy, tmp_meta = temporary_beside(npy), temporary_beside(parquet)
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (b - a, sp.dim)}
-    try:
-        with open(tmp_npy, "wb") as fh, pq.ParquetWriter(str(tmp_meta), schema) as writer:
-            np.lib.format.write_array_header_1_0(fh, header)
-            for s in range(a, b, chunk_rows):
-                e = min(b, s + chunk_rows)
-                with timed(stages, "read"):
-                    block = np.ascontiguousarray(sp.vectors[s:e])  # the stored dtype, as read
-                    table = _metadata(sp, st, s, e, absolute)
-                with timed(stages, "write"):
+    t0, read_before = time.perf_counter(), stages.get("read", 0.0)
+    sizes = []
+
+    def write_both(tmp_npy: str) -> None:
+        def write_metadata(tmp_meta: str) -> None:
+            with open(tmp_npy, "wb") as fh, pq.ParquetWriter(tmp_meta, schema) as writer:
+                np.lib.format.write_array_header_1_0(fh, header)
+                for s in range(a, b, chunk_rows):
+                    e = min(b, s + chunk_rows)
+                    with timed(stages, "read"):
+                        block = np.ascontiguousarray(sp.vectors[s:e])  # the stored dtype, as read
+                        table = _metadata(sp, st, s, e, absolute)
                     fh.write(memoryview(block).cast("B"))
                     writer.write_table(table)
-                tick(e - s)
-            fh.flush()
-            os.fsync(fh.fileno())
-        with timed(stages, "write"):
-            _fsync_file(tmp_meta)
-            size = tmp_npy.stat().st_size + tmp_meta.stat().st_size
-            os.replace(tmp_meta, parquet)  # the metadata first: a part is complete when its vectors appear
-            fsync_dir(parquet.parent)
-            os.replace(tmp_npy, npy)
-            fsync_dir(npy.parent)
-        return size
-    finally:
-        tmp_npy.unlink(missing_ok=True)
-        tmp_meta.unlink(missing_ok=True)
+                    tick(e - s)
+
+        sizes.append(atomic_write(parquet, write_metadata))  # published first: the part is whole once its vectors are
+
+    sizes.append(atomic_write(npy, write_both))
+    stages["write"] = stages.get("write", 0.0) + time.perf_counter() - t0 - (stages.get("read", 0.0) - read_before)
+    return sum(sizes)
 
 
 def _manifest(st: Any, sp: Any, summary: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 from .._hashing import hash_bytes, hash_file
 from ..data.collection import ImageItem, is_url, relative_key
 from ..data.remote import RETRIED_ERRORS
-from ..store import Store, open_store
+from ..store import Store, failure_keys, open_store
 
 
 def plan(items: list[ImageItem], store: Store | None, space: str) -> tuple[list[ImageItem], int, int]:
@@ -40,7 +40,7 @@ def plan(items: list[ImageItem], store: Store | None, space: str) -> tuple[list[
     mtime = np.full(len(items), np.nan)
     size[candidates] = store.image_column("size", rows[candidates])
     mtime[candidates] = store.image_column("mtime", rows[candidates])
-    failed = {(f["path"], f["space"]): ((int(f["size"]), float(f["mtime"])), f["error"]) for f in store.failures}
+    failed = failure_keys(store)
     todo, unchanged, known_failed = [], 0, 0
     to_hash: list[tuple[int, ImageItem]] = []
     for j, it in enumerate(items):

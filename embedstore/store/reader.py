@@ -383,8 +383,8 @@ def _read_snapshot(path: Path) -> Store:
         raise
 
 
-def failure_keys(store: Store | None) -> dict[tuple[str, str], tuple[int, float]]:
-    """(path, space) -> (size, mtime) of recorded failures."""
+def failure_keys(store: Store | None) -> dict[tuple[str, str], tuple[tuple[int, float], str]]:
+    """(path, space) -> ((size, mtime), error type) of recorded failures."""
     if store is None:
         return {}
-    return {(f["path"], f["space"]): (int(f["size"]), float(f["mtime"])) for f in store.failures}
+    return {(f["path"], f["space"]): ((int(f["size"]), float(f["mtime"])), f["error"]) for f in store.failures}
