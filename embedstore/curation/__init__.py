@@ -2,8 +2,8 @@
 (k-NN distance) and leaks between splits (cross-split near-duplicates).
 
 Modules: ``labels`` (``ProtocolHead``, ``out_of_fold_proba``, cleanlab's ``find_label_issues``),
-``outliers`` (mean k-NN cosine distance), ``leaks`` (cross-split pairs of the k-NN graph) and
-``run`` (``audit``, ``AuditReport``).
+``outliers`` (mean k-NN cosine distance), ``leaks`` (cross-split pairs of the k-NN graph),
+``records`` (the per-image record the sections list) and ``run`` (``audit``, ``AuditReport``).
 
 Crash safety: the store is only read; the one file written is the k-NN graph cache that
 ``duplicates`` keeps (each batch atomically, :mod:`embedstore.search.graph`).

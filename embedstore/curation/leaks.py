@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..store import Space
+from .records import image_records
 
 SPLIT_ORDER = ("train", "val", "test")  # a pair lists its image of the earlier split first
 
@@ -73,12 +74,6 @@ class LeakPairs:
         total = len(first)
         first = first if top is None else first[:top]
         a, b, s = a[first], b[first], s[first]
-        every = np.concatenate([a, b])
-        paths, labels, splits = (self.sp.column(c, every) for c in ("path", "label", "split"))
-        rows = self.sp.rows[every]
+        images = image_records(self.sp, np.concatenate([a, b]))
         m = len(a)
-
-        def image(i: int) -> dict[str, Any]:
-            return {"path": str(paths[i]), "row": int(rows[i]), "label": str(labels[i]), "split": str(splits[i])}
-
-        return [{"score": round(float(s[i]), 6), "a": image(i), "b": image(m + i)} for i in range(m)], total
+        return [{"score": round(float(s[i]), 6), "a": images[i], "b": images[m + i]} for i in range(m)], total

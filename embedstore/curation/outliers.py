@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..store import Space
+from .records import image_records
 
 
 class OutlierScores:
@@ -40,11 +41,8 @@ class OutlierScores:
         scored = np.flatnonzero(~np.isnan(self.score))
         order = scored[np.argsort(-self.score[scored], kind="stable")]
         order = order if top is None else order[:top]
-        paths, labels, splits = (self.sp.column(c, order) for c in ("path", "label", "split"))
-        rows = self.sp.rows[order]
-        return [{"path": str(p), "row": int(r), "label": str(lab), "split": str(s),
-                 "score": round(float(self.score[i]), 6)}
-                for i, p, r, lab, s in zip(order, paths, rows, labels, splits)]
+        return [{**image, "score": round(float(self.score[i]), 6)}
+                for i, image in zip(order, image_records(self.sp, order))]
 
     @property
     def scored(self) -> int:

@@ -25,6 +25,7 @@ from ..utils import timed
 from .labels import RANK_BY, LabelCheck, check_head, find_issues, issue_rows
 from .leaks import LeakPairs
 from .outliers import OutlierScores
+from .records import image_records
 
 DEFAULT_TOP = 50  # rows listed per section by default
 DEFAULT_K = 10  # neighbours per image: the k of `duplicates`, so both use one cached graph
@@ -121,12 +122,8 @@ def _label_issues(sp: Any, head: str, folds: int, seed: int, top: int | None,
     info.update(folds=check.folds, checked=len(check.checked) if check.folds else 0, label_issues=len(found))
     found = found if top is None else found[:top]
     pos = lab.positions[[f["index"] for f in found]] if found else np.empty(0, np.int64)
-    paths = sp.column("path", pos)
-    out = []
-    for f, p, position in zip(found, paths, pos):
-        out.append({"path": str(p), "row": int(sp.rows[position]), "split": str(lab.splits[f["index"]]),
-                    "label": f["label"], "suggested": f["suggested"], "score": f["score"],
-                    "suggested_score": f["suggested_score"]})
+    out = [{**image, "label": f["label"], "suggested": f["suggested"], "score": f["score"],
+            "suggested_score": f["suggested_score"]} for f, image in zip(found, image_records(sp, pos))]
     return out, info
 
 
