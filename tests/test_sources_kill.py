@@ -2,27 +2,20 @@
 source: a folder of tar shards, a CSV of URLs served over HTTP, and a Hugging Face dataset (issue 20)."""
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-import embedstore
-from embedstore.store import list_parts
+from faultkit import embed_cmd, kill_resume_compare
 from imagegen import TINY_BACKBONE
 from sourcegen import ImageServer, hf_dataset, write_shard
 
 N = 120
-OPTIONS = ["--backbone", TINY_BACKBONE, "--weights", "random", "--batch-size", "4", "--workers", "0",
-           "--precision", "fp32", "--quiet", "--json"]
 
 
 def cli(src: str, store: Path) -> list[str]:
-    return [sys.executable, "-m", "embedstore_cli.main", "embed", src, "--store", str(store), *OPTIONS]
+    return embed_cmd(src, store, backbone=TINY_BACKBONE)
 
 
 def hf_script(saved: Path, store: Path) -> list[str]:
@@ -31,40 +24,6 @@ def hf_script(saved: Path, store: Path) -> list[str]:
             f"embedstore.embed(ds, sys.argv[2], backbone={TINY_BACKBONE!r}, weights='random', batch_size=4, "
             "workers=0, precision='fp32', progress=False)\n")
     return [sys.executable, "-c", code, str(saved), str(store)]
-
-
-def kill_resume_compare(tmp_path: Path, command, expected: set[str]) -> dict[str, np.ndarray]:
-    """Kill ``command(store)`` after 3 journal parts, rerun it, and compare with an uninterrupted run;
-    returns the vectors embedded before the kill."""
-    store = tmp_path / "killed.h5"
-    proc = subprocess.Popen(command(store), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 180
-    while len(list_parts(store)) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    partial = embedstore.open_store(store)
-    done_before = dict(zip(partial.space().paths, partial.space().vectors))
-    assert 0 < len(done_before) < len(expected)
-
-    rerun = subprocess.run(command(store), capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    final = embedstore.open_store(store)
-    sp = final.space()
-    assert set(sp.paths) == expected and len(sp) == len(expected) and final.n_images == len(expected)
-    assert not list_parts(store)
-    now = dict(zip(sp.paths, sp.vectors))
-    for path, vec in done_before.items():  # finished work is kept, not redone
-        np.testing.assert_array_equal(now[path], vec)
-    reference = tmp_path / "reference.h5"
-    subprocess.run(command(reference), check=True, capture_output=True, timeout=300)
-    ref = embedstore.open_store(reference).space()
-    ref_by_path = dict(zip(ref.paths, ref.vectors.astype(np.float32)))
-    assert set(ref_by_path) == set(now)
-    for path, vec in now.items():
-        np.testing.assert_allclose(vec.astype(np.float32), ref_by_path[path], rtol=1e-2, atol=1e-2)
-    return done_before
 
 
 @pytest.mark.slow

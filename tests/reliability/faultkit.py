@@ -22,10 +22,47 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "embedstore_cli.main", *args]
 
 
-def embed_cmd(src: Path, store: Path, backbone: str = "test_efficientnet", batch_size: int = 4,
+def embed_cmd(src: str | Path, store: Path, backbone: str = "test_efficientnet", batch_size: int = 4,
               weights: str = "random") -> list[str]:
     return cli("embed", str(src), "--store", str(store), "--backbone", backbone, "--weights", weights,
                "--batch-size", str(batch_size), "--workers", "0", "--precision", "fp32", "--quiet", "--json")
+
+
+def kill_resume_compare(tmp_path: Path, command: Callable[[Path], list[str]], expected: set[str],
+                        wait: float = 180) -> dict[str, np.ndarray]:
+    """Kill ``command(store)`` once it has published 3 journal parts (or after ``wait`` seconds), rerun it,
+    and compare with an uninterrupted run (``tmp_path/reference.h5``): the resumed space holds exactly
+    ``expected``, keeps what was embedded before the kill and matches the reference. Returns the vectors
+    embedded before the kill."""
+    store = tmp_path / "killed.h5"
+    proc = subprocess.Popen(command(store), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + wait
+    while len(list_parts(store)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    partial = embedstore.open_store(store)
+    done_before = dict(zip(partial.space().paths, partial.space().vectors))
+    assert 0 < len(done_before) < len(expected)
+
+    rerun = subprocess.run(command(store), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    final = embedstore.open_store(store)
+    sp = final.space()
+    assert set(sp.paths) == expected and len(sp) == len(expected) and final.n_images == len(expected)
+    assert not list_parts(store)
+    now = dict(zip(sp.paths, sp.vectors))
+    for path, vec in done_before.items():  # finished work is kept, not redone
+        np.testing.assert_array_equal(now[path], vec)
+    reference = tmp_path / "reference.h5"
+    subprocess.run(command(reference), check=True, capture_output=True, timeout=300)
+    ref = embedstore.open_store(reference).space()
+    ref_by_path = dict(zip(ref.paths, ref.vectors.astype(np.float32)))
+    assert set(ref_by_path) == set(now)
+    for path, vec in now.items():
+        np.testing.assert_allclose(vec.astype(np.float32), ref_by_path[path], rtol=1e-2, atol=1e-2)
+    return done_before
 
 
 @dataclass
