@@ -14,12 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 import embedstore
 from embedstore.errors import ExportError, StoreError
 from embedstore.pipeline import add_vectors, export_vectors, import_vectors
-from embedstore_cli.main import main
+from test_import import run_cli
 
 DIM = 12
 CLASSES = ("cat", "dog", "owl")
@@ -36,13 +35,6 @@ def make_store(folder: Path, n: int = 250, dtype: str = "float16", seed: int = 0
     add_vectors(store, rng.normal(size=(n, DIM)).astype(np.float32), paths, space="emb", labels=labels,
                 splits=splits, dtype=dtype, root=str(folder / "root"), source="test vectors")
     return store
-
-
-def run_cli(*args: object) -> tuple[int, str]:
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return res.exit_code, res.stdout if "--json" in args else res.output
 
 
 def listing(folder: Path) -> dict[str, bytes]:
