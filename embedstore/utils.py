@@ -45,6 +45,11 @@ def timed(stages: dict[str, float], name: str) -> Iterator[None]:
         stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def free_cores(most: int | None = 4) -> int:
     """CPU cores not busy right now (at least 1, at most ``most``; None: no cap): BLAS and OpenMP
     threads that spin on a loaded machine make scikit-learn's t-SNE and logistic regression many

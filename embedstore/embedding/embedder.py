@@ -8,7 +8,6 @@ Crash safety: computes vectors in memory and writes nothing; the pipeline stores
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from typing import Any, Iterator, Sequence
 
@@ -20,6 +19,7 @@ from ..choices import PRECISIONS
 from ..data.collection import MAX_FILE_BYTES, ImageItem
 from ..data.reader import ImageReader, ReadResult, collate, draft_size
 from ..errors import EmbedOptionError
+from ..utils import cpu_cores
 
 # precision name -> the dtype torch.autocast computes in (fp32: no autocast); the fine-tune stage uses it too
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,11 +73,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_bf16() else "fp32"
-
-
-def cpu_cores() -> int:
-    """The cores this process may run on (its affinity), not the machine's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def default_workers(device: torch.device) -> int:

@@ -34,6 +34,7 @@ from ..data.reader import draft_size
 from ..embedding.embedder import resolve_device, resolve_precision
 from ..errors import FinetuneError, InvalidNameError
 from ..store import open_store, validate_space_name
+from ..utils import cpu_cores
 
 
 @dataclass
@@ -111,7 +112,7 @@ def _open(store_path: Path, cfg: FinetuneConfig) -> Run:
     if out_space == parent.name:
         raise FinetuneError(f"out_space must differ from the parent space {parent.name!r}: pass --out-space NAME")
     dev = resolve_device(cfg.device)
-    workers = (1 if len(os.sched_getaffinity(0)) > 1 else 0) if cfg.workers is None else cfg.workers
+    workers = (1 if cpu_cores() > 1 else 0) if cfg.workers is None else cfg.workers
     folder = Path(f"{store_path}.finetune") / out_space
     if folder.resolve().parent != Path(f"{store_path}.finetune").resolve():  # checkpoints (and their clean-up)
         raise InvalidNameError(f"--out-space {out_space!r} would put checkpoints outside {store_path}.finetune/: "

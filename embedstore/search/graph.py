@@ -33,6 +33,7 @@ import numpy as np
 from .._atomic import atomic_write, atomic_write_text
 from ..index.files import index_files
 from ..store import Space, Store
+from ..utils import cpu_cores
 
 FORMAT = "embedstore-knn-graph/1"
 BATCH = 8192  # query rows per batch file
@@ -141,4 +142,4 @@ def threads() -> int:
     """faiss threads for a batched graph: OMP_NUM_THREADS when set, else every core this process may use."""
     if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cpu_cores()
