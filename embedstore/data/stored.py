@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from typing import Sequence
 
 from .items import ImageItem, is_url
@@ -56,7 +57,6 @@ def _item(root: str, key: str, label: str, split: str, shards: dict[str, dict[st
                     shards[shard_key] = {it.rel: it for it in list_shard(shard_path, shard_key)}
                 member = shards[shard_key].get(key)
                 if member is not None:
-                    return ImageItem(member.path, key, label or member.label, split or member.split,
-                                     member.refusal, member.stat, member.locator, member.source)
+                    return replace(member, label=label or member.label, split=split or member.split)
     return ImageItem(path, key, label, split)  # a file, or missing: the reader says which
 
