@@ -91,16 +91,16 @@ def backbones(as_json: bool, check: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", default="auto", show_default=True,
               type=click.Choice(PRECISIONS),
-              help="auto: bf16 on AMX/AVX512-BF16 CPUs, fp16/bf16 on GPU. For --runtime torch only "
-                   "(the others run fp32).")
+              help="auto: bf16 on AMX/AVX512-BF16 CPUs, fp16/bf16 on GPU. torch computes in each; openvino in "
+                   "fp32 or bf16; onnxruntime in fp32 only.")
 @click.option("--runtime", default="auto", show_default=True, type=click.Choice(RUNTIMES),
               help="Inference runtime. torch: eager PyTorch. onnxruntime, openvino: the backbone exported once to "
-                   "ONNX (cached in $EMBEDSTORE_CACHE, else ~/.cache/embedstore), CPU, fp32; checked first against "
-                   "torch fp32 on a few of the images (cosine >= 0.999 each), else torch embeds and the summary "
-                   "says why. auto: torch on a GPU or with --precision bf16/fp16; on a CPU, runs of 1000+ images "
-                   "time torch against the installed runtimes on a few batches and keep the fastest (a runtime "
-                   "must win by 10%), remembered per machine and backbone; smaller runs use torch unless a "
-                   "probe is on record. One space takes vectors of any runtime.")
+                   "ONNX (cached in $EMBEDSTORE_CACHE, else ~/.cache/embedstore), on the CPU; checked first "
+                   "against torch fp32 on a few of the images (cosine per image: 0.999 in fp32, 0.99 in bf16), "
+                   "else torch embeds and the summary says why. auto: torch on a GPU or with --precision fp16; "
+                   "on a CPU, runs of 1000+ images time torch against the installed runtimes on a few batches "
+                   "and keep the fastest (a runtime must win by 10%), remembered per machine and backbone; "
+                   "smaller runs use torch unless a probe is on record. One space takes vectors of any runtime.")
 @click.option("--workers", default="auto", show_default=True, callback=workers_option, metavar="auto|N",
               help="Decode worker processes (0: decode in this process). auto: on a GPU every core but one; on "
                    "a CPU with more than 2 cores, the cost of decoding and of the model is measured on the first "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .errors import QueryError
+from .errors import EmbedOptionError, QueryError
 
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq", "ivf-pq-refine")
 HEADS = ("logreg", "linear-svm", "rbf-svm", "ridge", "knn", "knn-majority", "centroid")
@@ -17,6 +17,8 @@ PROTOCOLS = ("auto", "split", "cv")
 PREPROCESS = ("l2", "standard", "pca-whiten", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # embed --precision (embedding.embedder)
 RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")  # embed --runtime (embedding.runtimes)
+# the precisions each exported runtime computes in (embedding.onnx); torch takes every one of PRECISIONS
+RUNTIME_PRECISIONS = {"onnxruntime": ("fp32",), "openvino": ("fp32", "bf16")}
 STORE_DTYPES = ("float16", "float32")  # embed --dtype: the stored vector type (pipeline.run)
 ENGINES = ("local", "ray")  # embed --engine (pipeline.run)
 MAX_SHARDS = 99999  # embed --shards / --shard I/N: shard file names hold N in five digits (pipeline.shards)
@@ -41,3 +43,11 @@ def parse_where(where: str | Sequence[str] | None) -> dict[str, str]:
             raise QueryError(f"cannot read --where {clause!r}: use label=NAME or split=NAME (or path=PREFIX)")
         out[key.strip()] = value.strip()
     return out
+
+
+def check_runtime_precision(runtime: str, precision: str) -> None:
+    """Refuse a ``precision`` that the exported ``runtime`` does not compute in (``auto`` always passes)."""
+    have = RUNTIME_PRECISIONS.get(runtime)
+    if have is not None and precision != "auto" and precision not in have:
+        raise EmbedOptionError(f"precision {precision!r} is not one {runtime} computes in here ({', '.join(have)}): "
+                               "leave --precision auto, or use --runtime torch")

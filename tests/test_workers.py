@@ -63,11 +63,11 @@ def test_batches_embedded_before_a_failure_are_committed_and_not_redone(tmp_path
         def __getattr__(self, name):
             return getattr(emb, name)
 
-        def __call__(self, batch):
+        def submit(self, batch):  # what iter_embeddings calls, one batch ahead of the one it hands on
             calls.append(len(batch))
             if len(calls) == 3:
                 raise RuntimeError("injected fault")
-            return emb(batch)
+            return emb.submit(batch)
 
     store = tmp_path / "s.h5"
     attrs = {**emb.backbone.space_attrs(), "dtype": "float16", "precision": "fp32", "device": "cpu"}

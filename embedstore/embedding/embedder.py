@@ -8,6 +8,8 @@ Crash safety: computes vectors in memory and writes nothing; the pipeline stores
 """
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future
 from functools import lru_cache
 from typing import Any, Iterator, Sequence
 
@@ -21,6 +23,7 @@ from ..data.reader import ImageReader, ReadResult, collate, draft_size
 from ..errors import EmbedOptionError
 from ..utils import cpu_cores
 
+BATCHES_AHEAD = 1  # batches submitted to the embedder while the oldest is still being embedded
 # precision name -> the dtype torch.autocast computes in (fp32: no autocast); the fine-tune stage uses it too
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -153,6 +156,13 @@ class Embedder:
             out = self.model(x)
         return out.float().cpu().numpy()
 
+    def submit(self, batch: torch.Tensor) -> Future:
+        """Embed ``batch`` now (torch's threads share each operator) and return its vectors as a done future:
+        the call contract of the exported runtimes, which queue batches (:class:`.onnx.Streams`)."""
+        done: Future = Future()
+        done.set_result(self(batch))
+        return done
+
 
 def iter_embeddings(
     items: Sequence[ImageItem],
@@ -162,7 +172,11 @@ def iter_embeddings(
     max_bytes: int = MAX_FILE_BYTES,
     decoder: str = "auto",
 ) -> Iterator[tuple[list[ReadResult], np.ndarray]]:
-    """Yield (results, vectors) per batch: vectors has one row per result without an error.
+    """Yield (results, vectors) per batch, in order: vectors has one row per result without an error.
+
+    Each batch is submitted to the embedder before the one ahead of it is collected (``BATCHES_AHEAD``),
+    so a runtime that queues batches (:class:`.onnx.Streams`) never waits between them. When reading or
+    submitting a batch fails, the batches already submitted are handed on first, then the error is raised.
 
     Files over ``max_bytes`` (and anything but regular files) come back as failed results.
     ``workers``: decode worker processes (None: :func:`auto_workers`, noted in ``embedder.notes``). ``decoder``: see
@@ -190,12 +204,24 @@ def iter_embeddings(
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    dim = embedder.backbone.dim
-    for results, batch in loader:
-        if on_device:  # JPEGs still encoded: decoded here, on the device, as one batch
-            batch = finish_batch(results, batch, reader.decode, embedder.device)
-        vectors = embedder(batch) if batch is not None else np.empty((0, dim), np.float32)
-        yield results, vectors
+    empty = np.empty((0, embedder.backbone.dim), np.float32)
+    pending: deque[tuple[list[ReadResult], Any]] = deque()  # batches submitted, oldest first
+    failure: Exception | None = None
+    try:
+        for results, batch in loader:
+            if on_device:  # JPEGs still encoded: decoded here, on the device, as one batch
+                batch = finish_batch(results, batch, reader.decode, embedder.device)
+            pending.append((results, embedder.submit(batch) if batch is not None else None))
+            if len(pending) > BATCHES_AHEAD:
+                results, vectors = pending.popleft()
+                yield results, vectors.result() if vectors is not None else empty
+    except Exception as e:  # noqa: BLE001 - raised below, after the batches already submitted are handed on
+        failure = e
+    while pending:
+        results, vectors = pending.popleft()
+        yield results, vectors.result() if vectors is not None else empty
+    if failure is not None:
+        raise failure
 
 
 def embed_items(

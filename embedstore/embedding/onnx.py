@@ -1,4 +1,4 @@
-"""Exported runtimes: a backbone exported once to ONNX and run by ONNX Runtime or OpenVINO (CPU, fp32).
+"""Exported runtimes: a backbone exported once to ONNX and run by ONNX Runtime (fp32) or OpenVINO (fp32 or bf16), on the CPU.
 
 The exported graph takes the reader's uint8 NCHW batch (dynamic batch axis), folds the mean/std
 normalisation in and ends with the backbone's own pooling (what ``Backbone.model`` returns), so a
@@ -8,8 +8,8 @@ float32 ``(n, dim)`` out.
 The cache (:func:`cache_root`: ``$EMBEDSTORE_CACHE``, else ``$XDG_CACHE_HOME/embedstore``, else
 ``~/.cache/embedstore``; under ``runtimes/``) holds one folder per (backbone name, weights SHA-256,
 input size, runtime and its version, opset, torch version): ``model.onnx`` and ``entry.json`` (the
-key, the model file's SHA-256, an export error, and the validation against eager torch fp32 that
-:mod:`.runtimes` records). OpenVINO reads the ONNX file itself (compiling takes well under a
+key, the model file's SHA-256, an export error, and per precision the validation against eager
+torch fp32 that :mod:`.runtimes` records). OpenVINO reads the ONNX file itself (compiling takes well under a
 second, so no compiled form is kept).
 
 Crash safety: ``model.onnx`` and then ``entry.json`` are written through :mod:`embedstore._atomic`;
@@ -22,9 +22,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import queue
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,16 +35,19 @@ import torch
 from .._atomic import atomic_write_bytes, atomic_write_text
 from .._hashing import sha256_bytes, sha256_file
 from ..backbones.load import Backbone
+from ..choices import RUNTIME_PRECISIONS
 from ..errors import RuntimeUnavailableError
 
 OPSET = 18
 EXPORTED = ("onnxruntime", "openvino")  # the runtimes that run the exported graph
 CACHE_ENV = "EMBEDSTORE_CACHE"
 PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # runtime -> distribution
-# OpenVINO would run bf16 on AMX CPUs: the exported runtimes run fp32; one stream, batch by batch; threads
-# not pinned to cores, which the decode workers share (embed on 2 cores: 143 vs 129 img/s pinned)
-OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
-                   "ENABLE_CPU_PINNING": False}
+# OpenVINO: one single-threaded stream per core (see Streams), in the precision asked (OpenVINO's own default
+# would be bf16 on AMX CPUs whatever was asked); threads not pinned to cores, which the decode workers share
+# (embed on 2 cores: 143 vs 129 img/s pinned)
+OPENVINO_CONFIG = {"PERFORMANCE_HINT": "THROUGHPUT", "ENABLE_CPU_PINNING": False}
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # embedstore's precision names -> OpenVINO's
+PRECISIONS = RUNTIME_PRECISIONS  # what each exported runtime computes in
 
 
 def cache_root() -> Path:
@@ -171,31 +175,33 @@ class CacheEntry:
         self.write(meta)
         return meta
 
-    def record_validation(self, validation: dict[str, Any]) -> None:
-        """Keep the validation with the entry (a cache that cannot be written is checked again next time)."""
+    def record_validation(self, validation: dict[str, Any], key: str = "validation") -> None:
+        """Keep the validation with the entry, under ``key`` (one per precision; a cache that cannot be
+        written is checked again next time)."""
         meta = self.read()
         if meta is not None:
             try:
-                self.write({**meta, "validation": validation})
+                self.write({**meta, key: validation})
             except OSError:
                 pass
 
 
-def open_session(entry: CacheEntry, backbone: Backbone, threads: int) -> tuple[Callable[[np.ndarray], np.ndarray],
-                                                                              dict[str, Any]]:
-    """The runtime's session over the cached model (exported first when missing or damaged) and the entry's record.
+def open_session(entry: CacheEntry, backbone: Backbone, threads: int,
+                 precision: str = "fp32") -> tuple[Streams, str, dict[str, Any]]:
+    """The runtime's session over the cached model (exported first when missing or damaged), the precision it
+    computes in, and the entry's record.
 
     A model file that the runtime cannot load is exported again once. Raises
     :class:`RuntimeUnavailableError` when the backbone cannot be exported or loaded."""
     try:
-        return _open_session(entry, backbone, threads)
+        return _open_session(entry, backbone, threads, precision)
     except OSError as e:  # a cache that cannot be written (read-only home, full disk): torch embeds instead
         raise RuntimeUnavailableError(f"the runtime cache {entry.folder} cannot be used ({e.strerror or e}): set "
                                       f"{CACHE_ENV} to a writable folder") from None
 
 
-def _open_session(entry: CacheEntry, backbone: Backbone, threads: int) -> tuple[Callable[[np.ndarray], np.ndarray],
-                                                                               dict[str, Any]]:
+def _open_session(entry: CacheEntry, backbone: Backbone, threads: int,
+                  precision: str) -> tuple[Streams, str, dict[str, Any]]:
     from filelock import FileLock
 
     entry.folder.mkdir(parents=True, exist_ok=True)
@@ -207,7 +213,7 @@ def _open_session(entry: CacheEntry, backbone: Backbone, threads: int) -> tuple[
         if "export_error" in meta:
             raise RuntimeUnavailableError(f"{meta['export_error']} (recorded in {entry.file}; delete it to try again)")
         try:
-            return _session(entry, threads), meta
+            return (*_session(entry, threads, precision), meta)
         except Exception as e:  # noqa: BLE001 - a file the runtime cannot read is exported again
             if exported:
                 raise RuntimeUnavailableError(f"{entry.label} cannot load the ONNX export of {backbone.name} "
@@ -216,56 +222,114 @@ def _open_session(entry: CacheEntry, backbone: Backbone, threads: int) -> tuple[
             meta = entry.export(backbone)
             if "export_error" in meta:
                 raise RuntimeUnavailableError(meta["export_error"]) from None
-            return _session(entry, threads), meta
+            return (*_session(entry, threads, precision), meta)
 
 
-def _session(entry: CacheEntry, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+class Streams:
+    """``streams`` single-threaded runs of one compiled model side by side, fed in order.
+
+    A batch is split into ``streams`` parts queued on a pool of as many threads, so the parts of the
+    next batch start as soon as a thread is free: no core waits at the end of a batch for the part
+    that a decode worker slowed down. Measured on 2 cores (Xeon with AMX, efficientnet_lite0, batch
+    64, imagenette, decoding in 1 worker, no store): ONNX Runtime 193.3 vs 179.7 img/s with each batch
+    awaited before the next; OpenVINO bf16 398.0 vs 375.6. Whole batches per thread instead of parts
+    were slower (model alone 214.6 vs 234.8 img/s: two 64-image working sets).
+    """
+
+    def __init__(self, run_part: Callable[[np.ndarray], np.ndarray], streams: int) -> None:
+        self.run_part, self.streams = run_part, max(1, streams)
+        self.pool = ThreadPoolExecutor(self.streams, thread_name_prefix="embedstore-stream")
+
+    def submit(self, x: np.ndarray) -> "Joined":
+        parts = [p for p in np.array_split(x, self.streams) if len(p)] if self.streams > 1 else [x]
+        return Joined([self.pool.submit(self.run_part, p) for p in parts])
+
+
+class Joined:
+    """The pending parts of one batch: ``result()`` waits for them and joins their rows in order."""
+
+    def __init__(self, parts: list[Future]) -> None:
+        self.parts = parts
+
+    def result(self) -> np.ndarray:
+        return np.concatenate([np.asarray(p.result(), dtype=np.float32) for p in self.parts])
+
+
+def _session(entry: CacheEntry, threads: int, precision: str = "fp32") -> tuple[Streams, str]:
+    """The compiled model as :class:`Streams` (one per thread) and the precision it computes in."""
     path = str(entry.model)
+    streams = max(1, threads)
     if entry.runtime == "onnxruntime":
         import onnxruntime as ort
 
-        # a batch runs as `threads` single-threaded runs side by side (a session is safe to run from several
-        # threads): no barrier between cores inside each operator. Measured on 2 cores (Xeon with AMX,
-        # efficientnet_lite0, batch 64): model alone 229 vs 222 img/s, embed 187.0 vs 184.7 (3 runs each).
-        streams = max(1, threads)
         options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = (1 if streams > 1 else threads), 1
+        options.intra_op_num_threads, options.inter_op_num_threads = 1, 1  # one core per stream
         options.log_severity_level = 3  # errors only
         # idle threads sleep instead of spinning: the decode workers share the cores (embed: 142 vs 134 img/s)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])  # safe from several threads
         name = session.get_inputs()[0].name
-        if streams == 1:
-            return lambda x: session.run(None, {name: x})[0]
-        pool = ThreadPoolExecutor(streams, thread_name_prefix="embedstore-ort")
-
-        def run(x: np.ndarray) -> np.ndarray:
-            parts = [p for p in np.array_split(x, streams) if len(p)]
-            return np.concatenate(list(pool.map(lambda p: session.run(None, {name: p})[0], parts)))
-        return run
+        return Streams(lambda x: session.run(None, {name: x})[0], streams), "fp32"
     import openvino as ov
 
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(path), "CPU", {**OPENVINO_CONFIG, "INFERENCE_NUM_THREADS": threads})
-    request = compiled.create_infer_request()
-    return lambda x: np.array(request.infer({0: x})[0], dtype=np.float32, copy=True)
+    def compile_model() -> tuple[Any, queue.SimpleQueue]:
+        core = ov.Core()
+        config = {**OPENVINO_CONFIG, "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
+                  "NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": streams}
+        compiled = core.compile_model(core.read_model(path), "CPU", config)
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(streams + 1):  # one request per stream, and one for a caller outside the pool
+            free.put(compiled.create_infer_request())
+        return compiled, free
+
+    # Compiled on a thread of its own: OpenVINO's CPU plugin installs a signal stack on the compiling thread
+    # and puts back the one it found when the model is freed, even if that one was freed meanwhile. With
+    # models compiled on this thread and freed out of order, the next signal (a decode worker's exit)
+    # lands on freed memory: the process dies of SIGSEGV (tests/test_runtimes.py reproduces it).
+    with ThreadPoolExecutor(1, thread_name_prefix="embedstore-compile") as once:
+        compiled, free = once.submit(compile_model).result()
+    used = {v: k for k, v in OPENVINO_PRECISIONS.items()}.get(str(compiled.get_property("INFERENCE_PRECISION_HINT")),
+                                                              precision)  # bf16 asked of a CPU without it: f32
+
+    def run(x: np.ndarray) -> np.ndarray:
+        request = free.get()
+        try:
+            return np.array(request.infer({0: x})[0], dtype=np.float32, copy=True)
+        finally:
+            free.put(request)
+    return Streams(run, streams), used
 
 
 class SessionEmbedder:
-    """An :class:`~.embedder.Embedder` variant running the exported graph (CPU, fp32): same contract,
-    uint8 batch in, float32 ``(n, dim)`` out."""
+    """An :class:`~.embedder.Embedder` variant running the exported graph on the CPU: same contract, uint8
+    batch in, float32 ``(n, dim)`` out, and ``submit`` to queue a batch behind the running one.
+
+    ``precision``: ``"fp32"``, or ``"bf16"`` for OpenVINO (which then computes in bf16 where the CPU has
+    it, and records ``"fp32"`` where it has not); ONNX Runtime runs fp32 only.
+    """
 
     def __init__(self, backbone: Backbone, runtime: str, threads: int | None = None,
-                 root: Path | None = None) -> None:
+                 root: Path | None = None, precision: str = "fp32") -> None:
+        if precision not in PRECISIONS[runtime]:
+            raise RuntimeUnavailableError(f"{runtime} computes in {' or '.join(PRECISIONS[runtime])} here, not {precision}")
         self.backbone = backbone
-        self.device, self.precision = torch.device("cpu"), "fp32"
+        self.device = torch.device("cpu")
         self.entry = CacheEntry(backbone, runtime, root)
-        self.runtime = self.entry.label
         self.threads = threads or torch.get_num_threads()
-        self.session, self.meta = open_session(self.entry, backbone, self.threads)
+        self.session, self.precision, self.meta = open_session(self.entry, backbone, self.threads, precision)
+        self.runtime = self.entry.label + ("" if self.precision == "fp32" else f" {self.precision}")
         self.min_cosine: float | None = None  # set by the validation (runtimes.validate)
         self.notes: list[str] = []
 
-    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+    @property
+    def validation_key(self) -> str:
+        """Where the cache entry keeps this precision's validation."""
+        return "validation" if self.precision == "fp32" else f"validation_{self.precision}"
+
+    def submit(self, batch: torch.Tensor | np.ndarray) -> Joined:
+        """Queue ``batch``; ``.result()`` of the returned object gives its vectors (batches run in order)."""
         x = np.ascontiguousarray(batch.numpy() if isinstance(batch, torch.Tensor) else batch, dtype=np.uint8)
-        return np.asarray(self.session(x), dtype=np.float32)
+        return self.session.submit(x)
+
+    def __call__(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        return self.submit(batch).result()

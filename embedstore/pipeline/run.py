@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import DEFAULT_BACKBONE
 from ..backbones.registry import default_space_name
-from ..choices import ENGINES, RUNTIMES, STORE_DTYPES
+from ..choices import ENGINES, RUNTIMES, STORE_DTYPES, check_runtime_precision
 from ..data.collection import MAX_FILE_BYTES, discover
 from ..data.remote import Fetch
 from ..errors import EmbedOptionError, ShardError
@@ -96,9 +96,7 @@ def embed(
     """
     if runtime not in RUNTIMES:
         raise EmbedOptionError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r} (--runtime)")
-    if runtime in ("onnxruntime", "openvino") and precision in ("bf16", "fp16"):
-        raise EmbedOptionError(f"precision {precision!r} applies to the torch runtime; {runtime} runs fp32: "
-                               "leave --precision auto (or fp32), or use --runtime torch")
+    check_runtime_precision(runtime, precision)
     if engine not in ENGINES:
         raise EmbedOptionError(f"engine must be one of {ENGINES}, not {engine!r} (--engine local or --engine ray)")
     if shard is not None:

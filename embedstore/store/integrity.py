@@ -123,7 +123,8 @@ def check_space_compatible(old: dict[str, Any], new: dict[str, Any], name: str) 
 
     The inference runtime is not part of a space's identity (backbone, weights and preprocessing
     are): ONNX Runtime's and OpenVINO's vectors agree with eager torch fp32 per image to a cosine of
-    0.999 or better (checked before a runtime is used, embedding.runtimes), so a space takes the
+    0.999 or better in fp32 and 0.99 in bf16, as torch's own bf16 autocast does (checked before a
+    runtime is used, embedding.runtimes), so a space takes the
     vectors of any runtime; :func:`merge_runtimes` keeps the list of runtimes used."""
     for key in ("backbone", "weights_sha256", "dim"):
         if old.get(key) != new.get(key):
