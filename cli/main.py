@@ -104,7 +104,7 @@ def backbones(as_json: bool, check: bool) -> None:
 @click.option("--workers", default="auto", show_default=True, callback=workers_option, metavar="auto|N",
               help="Decode worker processes (0: decode in this process). auto: on a GPU every core but one; on "
                    "a CPU with more than 2 cores, the cost of decoding and of the model is measured on the first "
-                   "images and the cores shared in that ratio (the summary notes it); on 1-2 cores, 1.")
+                   "images and the cores shared in that ratio (the summary notes it); on 1-2 cores, one per core.")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(STORE_DTYPES),
               help="Stored vector type.")
 @click.option("--engine", default="local", show_default=True, type=click.Choice(ENGINES),

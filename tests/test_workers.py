@@ -26,7 +26,9 @@ def test_auto_measures_both_stages_on_a_many_core_machine(tmp_path: Path, monkey
     _, items = discover(make_collection(tmp_path / "c", per_class=2, fmt="jpg"))
     emb = Embedder(load_backbone(TINY_BACKBONE, weights="random"), device="cpu", precision="fp32")
     reader = ImageReader(items, emb.backbone.eval_transform(), draft_size(emb.backbone.data_config))
-    assert auto_workers(items, emb, reader) == (1, "")  # 2 cores here: the rule, no measurement
+    for cores, workers in ((1, 1), (2, 2)):  # 1-2 cores: one worker per core, the rule, no measurement
+        monkeypatch.setattr(embedder_module, "cpu_cores", lambda: cores)
+        assert auto_workers(items, emb, reader) == (workers, "")
     monkeypatch.setattr(embedder_module, "cpu_cores", lambda: 12)
     n, why = auto_workers(items, emb, reader)
     assert 1 <= n <= 11 and "for 12 cores" in why and "ms" in why, why

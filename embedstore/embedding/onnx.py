@@ -278,7 +278,7 @@ def _session(entry: CacheEntry, threads: int, precision: str = "fp32") -> tuple[
                   "NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": streams}
         compiled = core.compile_model(core.read_model(path), "CPU", config)
         free: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(streams + 1):  # one request per stream, and one for a caller outside the pool
+        for _ in range(streams):  # one request per stream: only the Streams pool's threads run them
             free.put(compiled.create_infer_request())
         return compiled, free
 
