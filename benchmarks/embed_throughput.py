@@ -9,7 +9,11 @@ taking turns (so drift in the machine's load hits them alike):
              a git revision, run from a temporary worktree): eager torch, Pillow decoding;
   model:*    the model alone on a batch of 64 of the set's own images, already decoded: eager torch
              fp32 (channels-last), eager torch bf16 autocast (CPUs with AMX/AVX512-BF16), ONNX Runtime
-             and OpenVINO (the exported graph embedstore caches); cosine to eager fp32 on those images;
+             and OpenVINO in fp32 and in bf16 (the exported graph embedstore caches); cosine to eager
+             fp32 on those images;
+  decode     embedstore's reader alone, on one core (torch threads 1, no worker): read, hash, decode
+             and transform each file, as a decode worker does; with the fastest model alone it gives the
+             bound of a pipeline on these cores: ``cores / (cores / model + 1 / decode)`` images/s;
   auto       ``embedstore.embed`` now, with its defaults (``runtime="auto"``, the new decoding).
 
 Prints images/s (median of --repeats), the ratios auto/today, auto/best model alone and
@@ -45,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
 SETS = {"imagenette": "imagenette/val", "hymenoptera": "hymenoptera"}
 TODAY = "928da25"  # the last commit before issue 19: eager torch, Pillow decoding
-MODELS = ("torch-fp32", "torch-bf16", "onnxruntime", "openvino")
+MODELS = ("torch-fp32", "torch-bf16", "onnxruntime", "openvino", "openvino-bf16")  # *-bf16: CPUs with bf16
 
 
 def peak_rss_mb() -> float:
@@ -75,7 +79,7 @@ def file_list(folder: Path, limit: int | None) -> list[str]:
     return [it.path for it in items]
 
 
-def make_large(src: Path, dst: Path, n: int = 60, side: int = 3000) -> Path:
+def make_large(src: Path, dst: Path, n: int = 200, side: int = 3000) -> Path:
     """Hymenoptera photos upscaled (LANCZOS) to ``side`` px on the long side, JPEG q90: big files to decode."""
     from PIL import Image
 
@@ -157,7 +161,8 @@ def stage_model(files: list[str], backbone: str, out: str, option: str) -> dict:
         from embedstore.embedding.onnx import SessionEmbedder
         from embedstore.embedding.runtimes import validate
 
-        emb = SessionEmbedder(bb, option)
+        runtime, _, precision = option.partition("-")
+        emb = SessionEmbedder(bb, runtime, precision=precision or "fp32")
         validate(emb, batch[:8])
     vectors = emb(batch)  # warm-up (the embedder returns numpy: a GPU run is synchronised by the copy)
     times = []
@@ -169,7 +174,25 @@ def stage_model(files: list[str], backbone: str, out: str, option: str) -> dict:
     return {"images": len(batch), "seconds": statistics.median(times), "runtime": getattr(emb, "runtime", option)}
 
 
-STAGES = {"tutorial": stage_tutorial, "today": stage_embed, "model": stage_model, "auto": stage_embed}
+def stage_decode(files: list[str], backbone: str, out: str, option: str) -> dict:
+    """The reader's work per image on one core (what a decode worker does), over every file."""
+    import torch
+
+    from embedstore import load_backbone
+    from embedstore.data.collection import ImageItem
+    from embedstore.data.reader import ImageReader, collate, draft_size
+
+    torch.set_num_threads(1)
+    bb = load_backbone(backbone)
+    reader = ImageReader([ImageItem(f, f) for f in files], bb.eval_transform(), draft_size(bb.data_config))
+    t0 = time.perf_counter()
+    for start in range(0, len(files), 64):  # batches collated as the DataLoader's workers do
+        collate([reader[i] for i in range(start, min(start + 64, len(files)))])
+    return {"images": len(files), "seconds": time.perf_counter() - t0}
+
+
+STAGES = {"tutorial": stage_tutorial, "today": stage_embed, "model": stage_model, "decode": stage_decode,
+          "auto": stage_embed}
 
 
 def run_stage(stage: str, files_json: str, backbone: str, out: str, option: str = "",
@@ -209,7 +232,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="use at most this many files per set (evenly spaced)")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--stages", default="tutorial,today,model,auto")
+    ap.add_argument("--stages", default="tutorial,today,model,decode,auto")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where the model stages and `embed` run")
     ap.add_argument("--today", default=TODAY, help="git revision of 'today' (the path before this change)")
     ap.add_argument("--json-out", type=Path, default=ROOT / "benchmarks" / "results" / "embed_throughput.json")
@@ -231,7 +254,7 @@ def main() -> None:
     stages = args.stages.split(",")
     os.environ["EMBEDSTORE_BENCH_DEVICE"] = args.device
     if args.device == "cpu":
-        models = [m for m in MODELS if m != "torch-bf16" or cpu_has_bf16()]
+        models = [m for m in MODELS if not m.endswith("-bf16") or cpu_has_bf16()]
     else:  # the exported runtimes run on the CPU: on a GPU the model stages are torch's precisions
         models = ["torch-fp32", "torch-fp16", "torch-bf16"]
     sets = {name: args.data / SETS[name] for name in args.datasets.split(",") if name}
@@ -292,6 +315,11 @@ def measure_set(name: str, folder: Path, args: argparse.Namespace, stages: list[
             best = max(model_keys, key=ips.get)
             ratios["auto_over_best_model"] = round(ips["auto"] / ips[best], 2)
             ratios["best_model"] = best.split(":", 1)[1]
+            if "decode" in ips:  # the most a pipeline can reach: each image's decode and model core time
+                cores = len(os.sched_getaffinity(0))
+                bound = cores / (cores / ips[best] + 1 / ips["decode"])
+                ratios["bound_over_best_model"] = round(bound / ips[best], 2)
+                ratios["auto_over_bound"] = round(ips["auto"] / bound, 2)
     row["ratios"] = ratios
     cos = {}
     ref = tmp / "tutorial.npy"
@@ -314,10 +342,12 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
 
     keys = sorted({k for r in rows for k in r["img_per_s"]}, key=lambda k: ("tutorial", "today", "auto").index(k)
                   if k in ("tutorial", "today", "auto") else 3)
-    header = ["set", "images", *keys, "auto/today", "auto/best model", "auto/tutorial", "auto runtime"]
+    header = ["set", "images", *keys, "auto/today", "auto/best model", "bound/best model", "auto/tutorial",
+              "auto runtime"]
     table = [[r["dataset"], r["images"], *[r["img_per_s"].get(k, "") for k in keys],
               r["ratios"].get("auto_over_today", ""), r["ratios"].get("auto_over_best_model", ""),
-              r["ratios"].get("auto_over_tutorial", ""), r.get("auto_runtime", "")] for r in rows]
+              r["ratios"].get("bound_over_best_model", ""), r["ratios"].get("auto_over_tutorial", ""),
+              r.get("auto_runtime", "")] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
     for line in [header, ["-" * w for w in widths], *table]:
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)))
