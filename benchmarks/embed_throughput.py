@@ -24,6 +24,7 @@ photos), and ``--large DIR`` (``--make-large DIR`` writes one: hymenoptera photo
 
     python benchmarks/embed_throughput.py --limit 1000 --repeats 3 --make-large /tmp/large
     python benchmarks/embed_throughput.py --datasets hymenoptera --repeats 1 --stages tutorial,auto
+    python benchmarks/embed_throughput.py --precision fp32 --stages today,model,decode,auto  # no bf16 anywhere
 
 Crash safety: scratch files in a temporary folder; the result JSON is written at the end (earlier
 results in it are kept under ``earlier``, each with the CPU it came from).
@@ -135,7 +136,9 @@ def stage_embed(files: list[str], backbone: str, out: str, option: str) -> dict:
         listing = Path(tmp) / "files.csv"
         listing.write_text("\n".join(files))
         device = os.environ.get("EMBEDSTORE_BENCH_DEVICE", "auto")
-        summary = embedstore.embed(listing, Path(tmp) / "bench.h5", backbone=backbone, progress=False, device=device)
+        precision = os.environ.get("EMBEDSTORE_BENCH_PRECISION", "auto")
+        summary = embedstore.embed(listing, Path(tmp) / "bench.h5", backbone=backbone, progress=False, device=device,
+                                   precision=precision)
         sp = embedstore.open_store(Path(tmp) / "bench.h5").space()
         order = {p: i for i, p in enumerate(sp.paths)}
         np.save(out, sp.vectors[[order[f] for f in files]].astype(np.float32))
@@ -234,6 +237,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stages", default="tutorial,today,model,decode,auto")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where the model stages and `embed` run")
+    ap.add_argument("--precision", default="auto", help="`embed`'s --precision for today and auto (fp32: the path "
+                    "a CPU without bf16 takes)")
     ap.add_argument("--today", default=TODAY, help="git revision of 'today' (the path before this change)")
     ap.add_argument("--json-out", type=Path, default=ROOT / "benchmarks" / "results" / "embed_throughput.json")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
@@ -253,8 +258,9 @@ def main() -> None:
 
     stages = args.stages.split(",")
     os.environ["EMBEDSTORE_BENCH_DEVICE"] = args.device
+    os.environ["EMBEDSTORE_BENCH_PRECISION"] = args.precision
     if args.device == "cpu":
-        models = [m for m in MODELS if not m.endswith("-bf16") or cpu_has_bf16()]
+        models = [m for m in MODELS if not m.endswith("-bf16") or cpu_has_bf16() and args.precision != "fp32"]
     else:  # the exported runtimes run on the CPU: on a GPU the model stages are torch's precisions
         models = ["torch-fp32", "torch-fp16", "torch-bf16"]
     sets = {name: args.data / SETS[name] for name in args.datasets.split(",") if name}
@@ -353,13 +359,14 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)))
     previous = json.loads(args.json_out.read_text()) if args.json_out.exists() else {}
     earlier = previous.get("earlier", [])
-    if "results" in previous:
-        earlier.append({"machine": previous.get("machine"), "results": previous["results"]})
+    if "results" in previous:  # the previous run, with its machine, commit and options
+        earlier.append({k: v for k, v in previous.items() if k != "earlier"})
     machine = {"cpu": cpu(), "platform": platform.platform(), "embedstore": embedstore.__version__,
                "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
     git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps({"machine": machine, "git_head": git.stdout.strip(), "today": args.today,
+                                         "precision": args.precision,
                                          "results": rows, "earlier": earlier}, indent=2) + "\n")
     print(f"\nwrote {args.json_out}")
 
