@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +317,7 @@ def test_streams_split_and_queue_batches_in_order(runtime: str, collection: Path
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+OPENVINO_ASKED = {"f32": "fp32", "bf16": "bf16"}
 OUT_OF_ORDER = """
 import gc, sys
 from embedstore.backbones.load import load_backbone
@@ -343,3 +345,20 @@ def test_openvino_models_freed_out_of_order_leave_signals_deliverable(collection
     done = subprocess.run([sys.executable, "-c", OUT_OF_ORDER, TINY_BACKBONE, str(collection)], capture_output=True,
                           text=True, timeout=300, env={**os.environ, onnx_rt.CACHE_ENV: str(seeded_cache)})
     assert done.returncode == 0 and done.stdout.split() == ["ok", "36"], (done.returncode, done.stderr[-2000:])
+
+
+@pytest.mark.skipif("openvino" not in EXPORTED, reason="openvino is not installed")
+def test_openvino_reports_the_precision_it_computes_in(tiny, seeded_cache: Path) -> None:
+    """The precision recorded is the compiled model's own: bf16 asked of a CPU without bf16 is fp32."""
+    import openvino as ov
+
+    from embedstore.embedding.embedder import cpu_has_bf16
+
+    path = str(onnx_rt.CacheEntry(tiny, "openvino").model)
+    core = ov.Core()
+    for hint, want in (("f32", "fp32"), ("bf16", "bf16" if cpu_has_bf16() else "fp32")):
+        with ThreadPoolExecutor(1) as once:  # compiled off this thread, as embedstore does (see the test above)
+            compiled = once.submit(core.compile_model, core.read_model(path), "CPU",
+                                   {"INFERENCE_PRECISION_HINT": hint}).result()
+        assert onnx_rt.openvino_precision(compiled) == want, hint
+        assert onnx_rt.SessionEmbedder(tiny, "openvino", precision=OPENVINO_ASKED[hint]).precision == want

@@ -288,8 +288,7 @@ def _session(entry: CacheEntry, threads: int, precision: str = "fp32") -> tuple[
     # lands on freed memory: the process dies of SIGSEGV (tests/test_runtimes.py reproduces it).
     with ThreadPoolExecutor(1, thread_name_prefix="embedstore-compile") as once:
         compiled, free = once.submit(compile_model).result()
-    used = {v: k for k, v in OPENVINO_PRECISIONS.items()}.get(str(compiled.get_property("INFERENCE_PRECISION_HINT")),
-                                                              precision)  # bf16 asked of a CPU without it: f32
+    used = openvino_precision(compiled) or precision  # bf16 asked of a CPU without it: fp32
 
     def run(x: np.ndarray) -> np.ndarray:
         request = free.get()
@@ -298,6 +297,16 @@ def _session(entry: CacheEntry, threads: int, precision: str = "fp32") -> tuple[
         finally:
             free.put(request)
     return Streams(run, streams), used
+
+
+def openvino_precision(compiled: Any) -> str | None:
+    """The precision an OpenVINO compiled model computes in (``"fp32"``, ``"bf16"``), or None when unknown."""
+    try:
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: its name is "f32", "bf16", ...
+    except RuntimeError:
+        return None
+    name = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+    return {v: k for k, v in OPENVINO_PRECISIONS.items()}.get(name)
 
 
 class SessionEmbedder:
