@@ -23,6 +23,7 @@ import io
 import json
 import os
 import queue
+import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -290,10 +291,20 @@ def _session(entry: CacheEntry, threads: int, precision: str = "fp32") -> tuple[
         compiled, free = once.submit(compile_model).result()
     used = openvino_precision(compiled) or precision  # bf16 asked of a CPU without it: fp32
 
+    # Requests meeting a new input shape at the same time deadlocked (both stuck in OpenVINO's input
+    # dispatch, 1 run in 4 of tests/test_runtimes.py; the cure OpenVINO users report: reshape serially).
+    # A request whose input shape changes runs that call under a lock; same-shape calls run side by side.
+    reshaping = threading.Lock()
+    last_shape: dict[int, tuple[int, ...]] = {}
+
     def run(x: np.ndarray) -> np.ndarray:
         request = free.get()
         try:
-            return np.array(request.infer({0: x})[0], dtype=np.float32, copy=True)
+            if last_shape.get(id(request)) == x.shape:
+                return np.array(request.infer({0: x})[0], dtype=np.float32, copy=True)
+            with reshaping:
+                last_shape[id(request)] = x.shape
+                return np.array(request.infer({0: x})[0], dtype=np.float32, copy=True)
         finally:
             free.put(request)
     return Streams(run, streams), used
