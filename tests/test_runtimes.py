@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 import embedstore
 from embedstore.backbones.load import load_backbone
+from embedstore.choices import RUNTIME_PRECISIONS
 from embedstore.data.collection import discover
 from embedstore.embedding import Embedder, embed_items, runtimes
 from embedstore.embedding import onnx as onnx_rt
@@ -288,7 +289,7 @@ def test_every_registry_backbone_exports_and_matches_eager(runtime: str, collect
     for name in names:
         bb = load_backbone(name)
         ref, _ = embed_items(items, Embedder(bb, "cpu", "fp32"), batch_size=16, workers=0)
-        for precision in onnx_rt.PRECISIONS[runtime]:  # OpenVINO in bf16 too (fp32 where the CPU has no bf16)
+        for precision in RUNTIME_PRECISIONS[runtime]:  # OpenVINO in bf16 too (fp32 where the CPU has no bf16)
             emb = onnx_rt.SessionEmbedder(bb, runtime, precision=precision)
             tolerance = runtimes.TOLERANCES[emb.precision]
             assert runtimes.validate(emb, runtimes.sample_images(items, bb)) >= tolerance, (name, precision)
@@ -317,10 +318,10 @@ def test_streams_split_and_queue_batches_in_order(runtime: str, collection: Path
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-OPENVINO_ASKED = {"f32": "fp32", "bf16": "bf16"}
 OUT_OF_ORDER = """
 import gc, sys
 from embedstore.backbones.load import load_backbone
+from embedstore.choices import RUNTIME_PRECISIONS
 from embedstore.data.collection import discover
 from embedstore.embedding import Embedder, embed_items
 from embedstore.embedding.onnx import SessionEmbedder
@@ -356,9 +357,10 @@ def test_openvino_reports_the_precision_it_computes_in(tiny, seeded_cache: Path)
 
     path = str(onnx_rt.CacheEntry(tiny, "openvino").model)
     core = ov.Core()
-    for hint, want in (("f32", "fp32"), ("bf16", "bf16" if cpu_has_bf16() else "fp32")):
+    for asked, want in (("fp32", "fp32"), ("bf16", "bf16" if cpu_has_bf16() else "fp32")):
+        hint = onnx_rt.OPENVINO_PRECISIONS[asked]
         with ThreadPoolExecutor(1) as once:  # compiled off this thread, as embedstore does (see the test above)
             compiled = once.submit(core.compile_model, core.read_model(path), "CPU",
                                    {"INFERENCE_PRECISION_HINT": hint}).result()
         assert onnx_rt.openvino_precision(compiled) == want, hint
-        assert onnx_rt.SessionEmbedder(tiny, "openvino", precision=OPENVINO_ASKED[hint]).precision == want
+        assert onnx_rt.SessionEmbedder(tiny, "openvino", precision=asked).precision == want

@@ -165,9 +165,14 @@ class Embedder:
     def submit(self, batch: torch.Tensor) -> Future:
         """Embed ``batch`` now (torch's threads share each operator) and return its vectors as a done future:
         the call contract of the exported runtimes, which queue batches (:class:`.onnx.Streams`)."""
-        done: Future = Future()
-        done.set_result(self(batch))
-        return done
+        return done_future(self(batch))
+
+
+def done_future(value: Any) -> Future:
+    """A future that already holds ``value``: what an embedder that computes at once returns from ``submit``."""
+    done: Future = Future()
+    done.set_result(value)
+    return done
 
 
 def iter_embeddings(

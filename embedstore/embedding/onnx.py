@@ -48,7 +48,6 @@ PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # runtime -> 
 # (embed on 2 cores: 143 vs 129 img/s pinned)
 OPENVINO_CONFIG = {"PERFORMANCE_HINT": "THROUGHPUT", "ENABLE_CPU_PINNING": False}
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # embedstore's precision names -> OpenVINO's
-PRECISIONS = RUNTIME_PRECISIONS  # what each exported runtime computes in
 
 
 def cache_root() -> Path:
@@ -330,8 +329,9 @@ class SessionEmbedder:
 
     def __init__(self, backbone: Backbone, runtime: str, threads: int | None = None,
                  root: Path | None = None, precision: str = "fp32") -> None:
-        if precision not in PRECISIONS[runtime]:
-            raise RuntimeUnavailableError(f"{runtime} computes in {' or '.join(PRECISIONS[runtime])} here, not {precision}")
+        if precision not in RUNTIME_PRECISIONS[runtime]:
+            raise RuntimeUnavailableError(f"{runtime} computes in {' or '.join(RUNTIME_PRECISIONS[runtime])} here, "
+                                          f"not {precision}")
         self.backbone = backbone
         self.device = torch.device("cpu")
         self.entry = CacheEntry(backbone, runtime, root)

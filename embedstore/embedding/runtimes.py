@@ -46,11 +46,11 @@ from .._atomic import atomic_write_text
 from .._hashing import sha256_bytes
 from .._vectors import cosines
 from ..backbones.load import Backbone
-from ..choices import RUNTIMES, check_runtime_precision
+from ..choices import RUNTIME_PRECISIONS, RUNTIMES, check_runtime_precision
 from ..data.collection import MAX_FILE_BYTES, ImageItem
 from ..errors import EmbedOptionError, RuntimeUnavailableError
-from .embedder import Embedder, iter_embeddings, resolve_device, resolve_precision
-from .onnx import EXPORTED, PRECISIONS, SessionEmbedder, cache_root, runtime_version, torch_version
+from .embedder import Embedder, done_future, iter_embeddings, resolve_device, resolve_precision
+from .onnx import EXPORTED, SessionEmbedder, cache_root, runtime_version, torch_version
 
 # cosine similarity to eager torch fp32, per image, that an exported runtime must reach: fp32 runtimes agree to
 # rounding; a bf16 one is held to what torch's own bf16 autocast reaches (EfficientNet-Lite0, 1068 imagenette
@@ -75,9 +75,7 @@ class _Capture:
     def submit(self, batch: torch.Tensor) -> Future:
         """Keep the first batch (vectors of zeros come back)."""
         self.batch = batch if self.batch is None else self.batch
-        done: Future = Future()
-        done.set_result(np.zeros((len(batch), self.backbone.dim), np.float32))
-        return done
+        return done_future(np.zeros((len(batch), self.backbone.dim), np.float32))
 
 
 def sample_images(items: Sequence[ImageItem], backbone: Backbone, n: int = SAMPLE_IMAGES,
@@ -135,7 +133,7 @@ def exported_precision(runtime: str, precision: str) -> str:
     the runtime does bf16 (OpenVINO), else fp32."""
     if precision == "auto":
         precision = resolve_precision("auto", torch.device("cpu"))
-    return precision if precision in PRECISIONS[runtime] else "fp32"
+    return precision if precision in RUNTIME_PRECISIONS[runtime] else "fp32"
 
 
 def check_runtime(runtime: str, device: str, precision: str) -> None:
@@ -227,7 +225,7 @@ def _auto_cpu(backbone: Backbone, precision: str, images: int | None, batch_size
     # each exported runtime at the precision asked (auto: bf16 where the CPU has it and the runtime does it);
     # an explicit bf16 leaves out the runtimes that compute fp32 only
     exported = {r: exported_precision(r, precision) for r in EXPORTED
-                if precision != "bf16" or "bf16" in PRECISIONS[r]}
+                if precision != "bf16" or "bf16" in RUNTIME_PRECISIONS[r]}
     path, key = probe_file(backbone, torch_emb.precision, batch, exported)
     try:
         known = json.loads(path.read_text())
